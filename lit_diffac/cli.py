@@ -1,0 +1,633 @@
+"""The ``lit-diffac`` command line: Lightning's ``LightningCLI`` plus a recipe-first short form.
+
+Usage::
+
+    lit-diffac run RECIPE.yaml [--key=value ...]         # == lit-diffac fit --config RECIPE.yaml [...]
+    lit-diffac fit --config RECIPE.yaml [--key=value ...]
+    lit-diffac validate --config RECIPE.yaml [--ckpt_path=...]
+    lit-diffac test --config RECIPE.yaml [--ckpt_path=...]
+    lit-diffac <command> --help
+
+A recipe is a LightningCLI YAML file::
+
+    seed_everything: 0                       # the default; `true` picks a random seed
+    vars:                                    # free variables for ${vars.NAME} interpolation
+      steps: 10
+    trainer:
+      max_steps: 500
+    model:
+      class_path: lit_diffac.modules.toy_pretrain.ToyBasePretraining
+      init_args:
+        lr: 1.0e-3
+        eval_steps: ${vars.steps}            # OmegaConf interpolation, resolved within the recipe file
+
+Overrides use dotted keys (``--trainer.max_steps=3 --model.init_args.lr=1e-4``).  ``data:`` is optional:
+the RL modules generate their own prompts.  Defaults that differ from plain ``LightningCLI``:
+
+* ``seed_everything`` is ``0`` (runs are reproducible unless the recipe says otherwise);
+* the logger is TensorBoard under ``runs/<name>/version_<n>``, with ``<name>`` the recipe file's stem
+  (``lit_diffac`` when there is no recipe);
+* optimisers come from the module's own ``configure_optimizers`` (no ``--optimizer`` options);
+* recipe errors (unknown or mistyped keys, wrong types) are reported as a single line naming the key, with
+  the closest valid key, e.g. ``error: unknown key 'model.init_args.lrr' in recipe.yaml (did you mean
+  'model.init_args.lr'?)``, and exit status 2.
+
+After ``run``/``fit``, if the module wrote ``summary.json`` into ``trainer.log_dir``, the last line printed
+is ``summary: <absolute path>``.
+
+Commands that are not Lightning entry points (sampling, exporting, ...) register themselves in
+:data:`EXTRA_COMMANDS`; ``main`` dispatches them before ``LightningCLI`` is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+__all__ = [
+    "DEFAULT_RUN_NAME",
+    "EXTRA_COMMANDS",
+    "LitDiffacCLI",
+    "RecipeArgumentParser",
+    "format_parser_error",
+    "lazy_command",
+    "main",
+    "tensorboard_logger",
+]
+
+PROG = "lit-diffac"
+
+#: Logger name (the folder under ``runs/``) when no recipe file names the run.
+DEFAULT_RUN_NAME = "lit_diffac"
+
+#: Non-Lightning subcommands: ``name -> fn(argv_after_name) -> exit status``.  The first line of each
+#: function's docstring is its description in ``lit-diffac --help``.  Register with
+#: ``EXTRA_COMMANDS["sample"] = lazy_command("lit_diffac.sampling:main", "Draw sample grids ...")`` so
+#: that the command's module is imported only when it runs.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], int]] = {}
+
+#: Descriptions of the Lightning subcommands in ``lit-diffac --help``.
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a model: lit-diffac fit --config RECIPE.yaml [overrides]",
+    "validate": "run the validation loop once (e.g. on a checkpoint: --ckpt_path=...)",
+    "test": "run the test loop once (e.g. on a checkpoint: --ckpt_path=...)",
+}
+
+RUN_DESCRIPTION = "train from a recipe: lit-diffac run RECIPE.yaml [overrides] (= fit --config RECIPE.yaml)"
+
+
+def lazy_command(target: str, description: str) -> Callable[[list[str]], int]:
+    """A command for :data:`EXTRA_COMMANDS` that imports ``"package.module:function"`` when it runs.
+
+    Args:
+        target: ``"package.module:function"``, a function ``fn(argv: list[str]) -> int``.
+        description: one line for ``lit-diffac --help``.
+    """
+    module_name, _, attr = target.partition(":")
+
+    def command(argv: list[str]) -> int:
+        return getattr(importlib.import_module(module_name), attr)(argv)
+
+    command.__doc__ = description
+    command.__name__ = attr or module_name
+    return command
+
+
+EXTRA_COMMANDS["toy-eval"] = lazy_command(
+    "lit_diffac.evaluation:toy_eval_main",
+    "report the toy world's figures: judge accuracy and each base model's held-out alignment")
+
+
+def tensorboard_logger(name: str = DEFAULT_RUN_NAME, save_dir: str = "runs") -> dict[str, Any]:
+    """The default ``trainer.logger``: a TensorBoard logger writing to ``<save_dir>/<name>/version_<n>``."""
+    return {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": save_dir, "name": name},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Readable recipe errors
+# --------------------------------------------------------------------------------------------------------
+
+_NOISE = re.compile(r"^(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Given value )")
+_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":$')
+_CLASS = re.compile(r"^Problem with given class_path '(?P<cls>[^']+)':$")
+_UNKNOWN_OPTION = re.compile(r"^Option '(?P<key>[^']+)' is not accepted$")
+_UNKNOWN_SUB = re.compile(r"^(?:Subcommand '[^']+'|Group '[^']+') does not accept option '(?P<key>[^']+)'$")
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.+)$")
+_EXPECTED = re.compile(r"^Expected an? (?P<type>.+?)(?:\. Got value: (?P<value>.*))?$")
+_REQUIRED = re.compile(r"^the following arguments are required: (?P<keys>.+)$")
+_NO_ATTRIBUTE = re.compile(r"^module '(?P<module>[^']+)' has no attribute '(?P<attr>[^']+)'$")
+_NO_MODULE = re.compile(r"^No module named '(?P<module>[^']+)'")
+
+
+def _clean_type(text: str) -> str:
+    """``<class 'float'>`` -> ``float``; ``typing.Literal['a', 'b']`` -> ``Literal['a', 'b']``."""
+    text = re.sub(r"<class '(?:builtins\.)?([^']+)'>", r"\1", text)
+    return text.replace("typing.", "")
+
+
+def _closest(word: str, candidates: list[str]) -> str | None:
+    matches = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _strip_init_args(key: str) -> str:
+    return ".".join(part for part in key.split(".") if part not in ("init_args", "dict_kwargs"))
+
+
+def _class_parameters(class_path: str) -> list[str]:
+    """Names of the ``__init__`` arguments of ``class_path`` (as jsonargparse resolves them)."""
+    try:
+        module_name, _, attr = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), attr)
+    except Exception:  # noqa: BLE001 - only for suggestions
+        return []
+    try:
+        from jsonargparse import ArgumentParser
+
+        probe = ArgumentParser(exit_on_error=False)
+        probe.add_class_arguments(cls, fail_untyped=False)
+        names = {a.dest.split(".")[0] for a in probe._actions if a.dest not in ("help", "config")}
+        if names:
+            return sorted(names)
+    except Exception:  # noqa: BLE001 - fall back to the plain signature
+        pass
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _suggest_key(key: str, valid_keys: list[str]) -> str | None:
+    """Closest valid dotted key to an unknown ``key``, repairing its first unknown component."""
+    parts = key.split(".")
+    for depth in range(len(parts)):
+        prefix = parts[:depth]
+        children = [k.split(".")[depth] for k in valid_keys
+                    if k.split(".")[:depth] == prefix and len(k.split(".")) > depth]
+        if parts[depth] in children:
+            continue
+        match = _closest(parts[depth], children)
+        if match is None:
+            return None
+        repaired = ".".join(prefix + [match] + parts[depth + 1:])
+        # Only suggest keys that exist as a whole (or a parent of the rest, e.g. a subclass key).
+        if any(repaired == k or repaired.startswith(k + ".") for k in valid_keys):
+            return repaired
+        return ".".join(prefix + [match])
+    return None
+
+
+class _Leaf:
+    """The innermost meaningful line of a jsonargparse error, with its location."""
+
+    def __init__(self, kind: str, key: str, classes: list[str], match: re.Match, value: str | None,
+                 types: list[str] | None = None) -> None:
+        self.kind, self.key, self.classes, self.match, self.value = kind, key, classes, match, value
+        self.types = types or []  # for a union: every non-None alternative's expected type
+
+
+def _walk_message(message: str) -> _Leaf | None:
+    """Find the first real error in jsonargparse's nested union message, with the dotted key leading to it.
+
+    The message nests ``Parser key "k":`` and ``Problem with given class_path 'C':`` blocks (by
+    indentation), lists union alternatives as ``- ...`` (we skip the ``NoneType`` ones) and ends blocks with
+    ``Given value: ...``.  The key is built as ``k.init_args.k2.init_args.leaf``.
+    """
+    lines = message.splitlines()
+    stack: list[tuple[int, str, str]] = []  # (indent, "key" | "class", text)
+    for i, raw in enumerate(lines):
+        stripped = raw.lstrip()
+        indent = len(raw) - len(stripped)
+        if stripped.startswith("- "):
+            stripped, indent = stripped[2:], indent + 2
+        if not stripped or _NOISE.match(stripped) or stripped.startswith("Given value: "):
+            continue
+        if stripped.startswith("Expected a <class 'NoneType'>"):
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if m := _KEY.match(stripped):
+            stack.append((indent, "key", m["key"]))
+            continue
+        if m := _CLASS.match(stripped):
+            stack.append((indent, "class", m["cls"]))
+            continue
+        parts: list[str] = []
+        classes: list[str] = []
+        for _, kind, text in stack:
+            if kind == "key":
+                parts.append(text)
+            else:
+                classes.append(text)
+                parts.append("init_args")
+        # The value of a union block is reported after its alternatives, at a smaller indentation.
+        value = None
+        for later in lines[i + 1:]:
+            s = later.lstrip()
+            if s.startswith("Given value: ") and len(later) - len(s) < indent:
+                value = s[len("Given value: "):]
+                break
+        for kind, pattern in (("unknown", _UNKNOWN_OPTION), ("unknown", _UNKNOWN_SUB), ("type", _EXPECTED),
+                              ("required", _REQUIRED), ("attribute", _NO_ATTRIBUTE), ("module", _NO_MODULE),
+                              ("unrecognized", _UNRECOGNIZED)):
+            if m := pattern.match(stripped):
+                if kind in ("attribute", "module") and parts and parts[-1] == "init_args":
+                    parts.pop()  # the class itself failed to import: the key is the one holding it
+                types = [m["type"]] if kind == "type" else []
+                if kind == "type" and raw.lstrip().startswith("- "):  # a union: gather its alternatives
+                    for later in lines[i + 1:]:
+                        s = later.lstrip()
+                        if len(later) - len(s) != len(raw) - len(raw.lstrip()) or not s.startswith("- "):
+                            break
+                        alt = _EXPECTED.match(s[2:])
+                        if alt and "NoneType" not in alt["type"]:
+                            types.append(alt["type"])
+                return _Leaf(kind, ".".join(parts), classes, m, value, types)
+        whole = re.match(r".*", stripped)
+        assert whole is not None
+        return _Leaf("other", ".".join(parts), classes, whole, value)
+    return None
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    """The ``--config``/``-c`` files of a command line, in order."""
+    configs = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            configs.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            configs.append(arg.split("=", 1)[1])
+    return configs
+
+
+def _where(key: str, argv: list[str], value: str | None = None) -> str:
+    """`` in recipe.yaml`` / `` in override --k=v`` / ``""``: where ``key`` was given, if we can tell.
+
+    ``value`` is the offending value when known: an override of ``key`` with another value is not the
+    culprit (the bad value then comes from the recipe).
+    """
+    plain = _strip_init_args(key)
+    configs = _config_paths(argv)
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or arg.startswith("--config"):
+            continue
+        name, has_value, given_value = arg[2:].partition("=")
+        shown = arg
+        if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            given_value, shown = argv[i + 1], f"{arg} {argv[i + 1]}"
+        given = _strip_init_args(name)
+        if given == plain or plain.startswith(given + ".") or given.startswith(plain + "."):
+            if value is not None and given == plain and given_value != value:
+                continue
+            return f" in override {shown}"
+    for path in configs:
+        try:
+            node: Any = yaml.safe_load(Path(path).read_text())
+        except Exception:  # noqa: BLE001 - only for the location hint
+            continue
+        found = True
+        for part in plain.split("."):
+            while isinstance(node, dict) and part not in node and "init_args" in node:
+                node = node["init_args"]
+            if not isinstance(node, dict) or part not in node:
+                found = False
+                break
+            node = node[part]
+        if found:
+            return f" in {path}"
+    return f" in {', '.join(configs)}" if len(configs) == 1 else ""
+
+
+def format_parser_error(message: str, valid_keys: list[str] | None = None,
+                        argv: list[str] | None = None) -> str:
+    """Turn a jsonargparse error message into one readable line naming the offending key.
+
+    Args:
+        message: the message jsonargparse passed to ``ArgumentParser.error``.
+        valid_keys: dotted keys the (sub)command accepts (``trainer.max_steps``, ``model``, ...), for
+            "did you mean" suggestions outside class ``init_args``.
+        argv: the command line, to tell recipe keys from overrides.
+
+    Returns:
+        e.g. ``unknown key 'model.init_args.lrr' in recipe.yaml (did you mean 'model.init_args.lr'?)`` or
+        ``invalid value for 'trainer.max_steps' in override --trainer.max_steps=abc: expected int, got
+        'abc'``; the original message when it has no recognisable structure.
+    """
+    valid_keys = valid_keys or []
+    argv = argv or []
+    leaf = _walk_message(message)
+    if leaf is None:
+        return message
+    m = leaf.match
+    if leaf.kind == "unrecognized":
+        keys = [a[2:].split("=", 1)[0] for a in m["args"].split() if a.startswith("--")]
+        if not keys:
+            return message
+        key = keys[0]
+        hint = _suggest_key(key, valid_keys)
+        tail = f" (did you mean '{hint}'?)" if hint else ""
+        return f"unknown key '{key}' in override {m['args']}{tail}"
+    if leaf.kind == "unknown":
+        key = f"{leaf.key}.{m['key']}" if leaf.key else m["key"]
+        if leaf.classes:
+            hint = _closest(m["key"].split(".")[0], _class_parameters(leaf.classes[-1]))
+            suggestion = f"{leaf.key}.{hint}" if hint else None
+        else:
+            suggestion = _suggest_key(key, valid_keys)
+        tail = f" (did you mean '{suggestion}'?)" if suggestion else ""
+        return f"unknown key '{key}'{_where(key, argv)}{tail}"
+    if leaf.kind == "type":
+        value = m["value"] if m["value"] is not None else leaf.value
+        got = f", got {value!r}" if value is not None else ""
+        expected = " or ".join(dict.fromkeys(_clean_type(t) for t in leaf.types))
+        return f"invalid value for '{leaf.key}'{_where(leaf.key, argv, value)}: expected {expected}{got}"
+    if leaf.kind == "required":
+        keys = [k.strip().removeprefix(f"{argv[0]}.") if argv else k.strip() for k in m["keys"].split(",")]
+        full = [f"{leaf.key}.{k}" if leaf.key else k for k in keys]
+        listed = ", ".join(f"'{k}'" for k in full)
+        extra = ""
+        if full == ["model"]:
+            extra = " (a recipe needs `model: {class_path: ..., init_args: {...}}`)"
+        return f"missing required key {listed}{_where(full[0], argv)}{extra}"
+    if leaf.kind == "attribute":
+        class_path = leaf.classes[-1] if leaf.classes else f"{m['module']}.{m['attr']}"
+        hint = None
+        try:
+            hint = _closest(m["attr"], [n for n in dir(importlib.import_module(m["module"]))
+                                        if not n.startswith("_")])
+        except Exception:  # noqa: BLE001 - only for suggestions
+            pass
+        tail = f" (did you mean '{m['module']}.{hint}'?)" if hint else ""
+        return (f"cannot import class_path '{class_path}' for '{leaf.key}'{_where(leaf.key, argv)}: "
+                f"module '{m['module']}' has no attribute '{m['attr']}'{tail}")
+    if leaf.kind == "module":
+        class_path = leaf.classes[-1] if leaf.classes else m["module"]
+        return (f"cannot import class_path '{class_path}' for '{leaf.key}'{_where(leaf.key, argv)}: "
+                f"no module named '{m['module']}'")
+    if leaf.key:
+        return f"invalid value for '{leaf.key}'{_where(leaf.key, argv)}: {m.group(0)}"
+    return message
+
+
+class RecipeArgumentParser(LightningArgumentParser):
+    """``LightningArgumentParser`` whose errors are one readable line (see :func:`format_parser_error`)
+    instead of the full usage and jsonargparse's nested union report; exit status stays 2."""
+
+    #: Set by :class:`LitDiffacCLI`: ``message -> readable message``.
+    error_formatter: Callable[[str], str] | None = None
+    #: Set by :class:`LitDiffacCLI`: the command to suggest for the list of accepted keys.
+    help_command: str | None = None
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        formatter = self.error_formatter
+        if formatter is None or not self.exit_on_error:
+            super().error(message, ex)
+        try:
+            from jsonargparse._common import debug_mode_active  # noqa: PLC0415 - private, optional
+
+            if debug_mode_active():
+                super().error(message, ex)
+        except ImportError:
+            pass
+        try:
+            readable = formatter(message)
+        except Exception:  # noqa: BLE001 - never hide the original error behind a formatting bug
+            readable = message
+        self._logger.error(message)
+        if self.help_command:
+            sys.stderr.write(f"tip: list the accepted keys with: {self.help_command} --help\n")
+        sys.stderr.write(f"error: {readable}\n")
+        self.exit(2)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The CLI
+# --------------------------------------------------------------------------------------------------------
+
+
+class LitDiffacCLI(LightningCLI):
+    """``LightningCLI`` configured for lit_diffac recipes.
+
+    * ``model`` is any ``LightningModule`` (``class_path`` + ``init_args``); ``data`` is optional;
+    * recipes are read in OmegaConf mode (``${...}`` interpolation inside a recipe);
+    * ``seed_everything`` defaults to ``0``; the default logger is TensorBoard under
+      ``runs/<run_name>/version_<n>``;
+    * no automatic optimiser options (the modules define ``configure_optimizers``);
+    * readable one-line errors for unknown keys and wrong types (exit status 2);
+    * after ``fit``, prints ``summary: <path>`` last when the module wrote ``summary.json`` to
+      ``trainer.log_dir``.
+
+    Args:
+        args: the command line after the program name (``["fit", "--config", "r.yaml", ...]``).
+        run_name: default TensorBoard run name (the logger's ``name``).
+        help_command: command to suggest in error tips (default ``lit-diffac <subcommand>``).
+        **kwargs: passed on to :class:`~lightning.pytorch.cli.LightningCLI` (override the defaults above).
+    """
+
+    def __init__(self, args: list[str] | None = None, run_name: str = DEFAULT_RUN_NAME,
+                 help_command: str | None = None, **kwargs: Any) -> None:
+        self._argv = list(sys.argv[1:] if args is None else args)
+        self._help_command = help_command
+        trainer_defaults = {"logger": tensorboard_logger(run_name), **kwargs.pop("trainer_defaults", {})}
+        mode = {"parser_mode": "omegaconf"}
+        parser_kwargs = {"prog": PROG, **mode, **{name: dict(mode) for name in self.subcommands()}}
+        for key, value in kwargs.pop("parser_kwargs", {}).items():
+            if key in parser_kwargs and isinstance(value, dict):
+                parser_kwargs[key] = {**parser_kwargs[key], **value}
+            else:
+                parser_kwargs[key] = value
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_class", RecipeArgumentParser)
+        super().__init__(args=self._argv, trainer_defaults=trainer_defaults, parser_kwargs=parser_kwargs,
+                         **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add ``vars``: free recipe variables for ``${vars.name}`` interpolation (used by no class)."""
+        parser.add_argument(
+            "--vars", type=dict[str, Any] | None, default=None,
+            help="Free recipe variables, referenced elsewhere in the recipe as ${vars.NAME} (OmegaConf "
+                 "interpolation, resolved when the recipe file is loaded). Not passed to any class.",
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (sampling is a separate command, not ``predict``)."""
+        subcommands = dict(LightningCLI.subcommands())
+        subcommands.pop("predict", None)
+        return subcommands
+
+    def _valid_keys(self) -> list[str]:
+        subcommand = self._argv[0] if self._argv else None
+        parsers = getattr(self, "_subcommand_parsers", {})
+        parser = parsers.get(subcommand, self.parser)
+        return [a.dest for a in parser._actions if a.dest not in ("help", "config", "print_config")]
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse ``args`` (never ``sys.argv``: :func:`main` passes it) with readable errors."""
+        subcommand = self._argv[0] if self._argv and not self._argv[0].startswith("-") else None
+        help_command = self._help_command or " ".join(filter(None, [PROG, subcommand]))
+
+        def formatter(message: str) -> str:
+            return format_parser_error(message, self._valid_keys(), self._argv)
+
+        parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        for p in parsers:
+            if isinstance(p, RecipeArgumentParser):
+                p.error_formatter = formatter
+                p.help_command = help_command
+        try:
+            if isinstance(args, dict):
+                self.config = parser.parse_object(args)
+            else:
+                self.config = parser.parse_args(args)
+        except Exception as err:  # OmegaConf raises its own errors for bad ${...} interpolations
+            if type(err).__module__.split(".")[0] != "omegaconf":
+                raise
+            key = getattr(err, "full_key", None)
+            where = f" for '{key}'" if key else ""
+            configs = _config_paths(self._argv)
+            where += f" in {', '.join(configs)}" if configs else ""
+            reason = str(getattr(err, "msg", err)).splitlines()[0]
+            parser.error(f"cannot resolve an interpolation{where}: {reason}")
+
+    def after_fit(self) -> None:
+        """Print ``summary: <absolute path>`` (last) if the module wrote ``summary.json`` in the log dir."""
+        log_dir = self.trainer.log_dir
+        if not self.trainer.is_global_zero or log_dir is None:
+            return
+        summary = Path(log_dir) / "summary.json"
+        if summary.is_file():
+            sys.stderr.flush()
+            print(f"summary: {summary.resolve()}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------
+
+
+def _description(fn: Callable[..., Any]) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return doc.splitlines()[0].strip() if doc else ""
+
+
+def top_level_help() -> str:
+    """The text of ``lit-diffac --help``."""
+    rows = [("run", RUN_DESCRIPTION), *LIGHTNING_COMMANDS.items()]
+    rows += [(name, _description(fn)) for name, fn in sorted(EXTRA_COMMANDS.items())]
+    width = max(len(name) for name, _ in rows) + 2
+    commands = "\n".join(f"  {name:<{width}}{text}" for name, text in rows)
+    return (
+        f"usage: {PROG} <command> [options]\n\n"
+        "Align text-to-image diffusion models with PPO (state-aligned latent actor-critic, GRPO, DDPO),\n"
+        "as PyTorch Lightning modules configured by YAML recipes.\n\n"
+        f"commands:\n{commands}\n\n"
+        "examples:\n"
+        f"  {PROG} run recipes/toy/pretrain_unet.yaml --trainer.max_steps=100\n"
+        f"  {PROG} fit --config RECIPE.yaml --model.init_args.lr=1e-4\n"
+        f"  {PROG} run RECIPE.yaml --print_config      # show the resolved recipe\n\n"
+        f"Run '{PROG} <command> --help' for the options of a command.\n"
+    )
+
+
+def run_help() -> str:
+    """The first lines of ``lit-diffac run --help`` (the ``fit`` options follow)."""
+    return (
+        f"usage: {PROG} run RECIPE.yaml [--key=value ...]\n\n"
+        f"Train from a recipe. '{PROG} run RECIPE.yaml [overrides]' is '{PROG} fit --config RECIPE.yaml\n"
+        "[overrides]'; overrides are dotted keys, e.g. --trainer.max_steps=3 --model.init_args.lr=1e-3.\n"
+        "TensorBoard logs go to runs/<RECIPE stem>/version_<n>. The options of 'fit' follow.\n\n"
+    )
+
+
+def _config_stem(argv: list[str]) -> str | None:
+    configs = _config_paths(argv)
+    return Path(configs[0]).stem if configs else None
+
+
+def _quiet_warnings() -> None:
+    """Silence warnings that do not apply to lit_diffac's RL modules (they do no heavy data loading)."""
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # Lightning 2.6 with recent torch: a deprecation inside Lightning itself, nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*The number of training batches \(\d+\) is smaller than the "
+                            r"logging interval.*")
+    # Frozen text encoders / VAEs stay in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of ``lit-diffac`` and ``python -m lit_diffac``.
+
+    Args:
+        args: the command line after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success.  Failures raise ``SystemExit`` with a non-zero status (2 for usage and recipe
+        errors, as argparse does; an extra command's own status otherwise), and ``--help`` of a
+        subcommand raises ``SystemExit(0)``, so ``python -m lit_diffac`` exits correctly too.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv:
+        sys.stderr.write(top_level_help())
+        raise SystemExit(2)
+    command = argv[0]
+    if command in EXTRA_COMMANDS:
+        status = int(EXTRA_COMMANDS[command](argv[1:]) or 0)
+        if status:
+            raise SystemExit(status)
+        return 0
+    if command in ("-h", "--help"):
+        sys.stdout.write(top_level_help())
+        return 0
+    known = ["run", *LIGHTNING_COMMANDS, *EXTRA_COMMANDS]
+    if not command.startswith("-") and command not in known:
+        hint = _closest(command, known)
+        tail = f" (did you mean '{hint}'?)" if hint else ""
+        sys.stderr.write(f"tip: list the commands with: {PROG} --help\n"
+                         f"error: unknown command '{command}'{tail}\n")
+        raise SystemExit(2)
+
+    _quiet_warnings()
+    help_command = None
+    if command == "run":
+        rest = argv[1:]
+        if rest and rest[0] in ("-h", "--help"):
+            sys.stdout.write(run_help())
+            sys.stdout.flush()
+            LitDiffacCLI(args=["fit", "--help"])
+            return 0  # not reached: --help exits
+        if rest and not rest[0].startswith("-") and not Path(rest[0]).is_file():
+            sys.stderr.write(f"error: recipe file not found: '{rest[0]}'\n")
+            raise SystemExit(2)
+        if not rest or rest[0].startswith("-"):
+            sys.stderr.write(f"usage: {PROG} run RECIPE.yaml [--key=value ...]\n"
+                             f"error: {PROG} run needs a recipe file first"
+                             f"{f', got {rest[0]!r}' if rest else ''}\n")
+            raise SystemExit(2)
+        argv = ["fit", "--config", rest[0], *rest[1:]]
+        help_command = f"{PROG} run {rest[0]}"
+    run_name = _config_stem(argv[1:]) or DEFAULT_RUN_NAME
+    LitDiffacCLI(args=argv, run_name=run_name, help_command=help_command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Prompt sources: where training and evaluation prompts come from.
+
+A source is a list of strings, or one string naming:
+
+* ``"toy:train"`` / ``"toy:heldout"`` — the toy digits world's training / held-out prompts;
+* a path to a text file with one prompt per line (blank lines and ``#`` comments are skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+PromptSource = str | Sequence[str]
+
+
+def load_prompts(source: PromptSource) -> list[str]:
+    """Resolve a prompt source to a non-empty list of prompts (clear errors otherwise)."""
+    if isinstance(source, str):
+        if source.startswith("toy:"):
+            from lit_diffac.toy.prompts import prompt_table
+
+            return [p for p, _ in prompt_table(source.split(":", 1)[1])]
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {source!r} not found (or use 'toy:train' / 'toy:heldout')")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+        if not prompts:
+            raise ValueError(f"prompt file {source!r} contains no prompts (one per line expected)")
+        return prompts
+    prompts = [str(p) for p in source]
+    if not prompts:
+        raise ValueError("the prompt list is empty")
+    return prompts
+
+
+class PromptDataset(Dataset):
+    """Prompts drawn uniformly with replacement; ``length`` draws per epoch, reproducible from ``seed``."""
+
+    def __init__(self, prompts: list[str], length: int, seed: int = 0) -> None:
+        self.prompts = prompts
+        self.length = length
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> str:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return self.prompts[int(torch.randint(len(self.prompts), (1,), generator=generator))]

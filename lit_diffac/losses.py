@@ -1,0 +1,165 @@
+"""PPO losses and diagnostics (pure functions returning named terms; DESIGN §4).
+
+Log-probabilities here are per-sample *means* over latent dimensions (see `lit_diffac.samplers`), so the
+ratios stay very close to 1 and the clip ranges are tiny (ε = 1e-5 for SD1.5, 1e-4 for SD3.5-M, paper).
+All diagnostics are detached 0-d float32 tensors, ready to log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PolicyLossOutput", "ppo_policy_loss", "ValueLossOutput", "value_loss", "explained_variance"]
+
+
+@dataclass
+class PolicyLossOutput:
+    """Clipped-surrogate policy loss and its diagnostics (all 0-d tensors; only ``loss`` carries gradient).
+
+    Attributes:
+        loss: ``−mean(min(ρ A, clip(ρ, 1−ε, 1+ε) A))``.
+        approx_kl: ``mean((ρ − 1) − log ρ)``, the low-variance estimator of KL(π_old ‖ π_new) (≥ 0).
+        clipfrac: fraction of elements with ``|ρ − 1| > ε``.
+        ratio_mean: mean of ``ρ = exp(log π_new − log π_old)``.
+        ratio_min: minimum of ``ρ``.
+        ratio_max: maximum of ``ρ``.
+    """
+
+    loss: torch.Tensor
+    approx_kl: torch.Tensor
+    clipfrac: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+
+
+def ppo_policy_loss(
+    log_prob_new: torch.Tensor,
+    log_prob_old: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+) -> PolicyLossOutput:
+    r"""PPO clipped surrogate (CleanRL form), computed in float32.
+
+    .. math::
+        ρ = \exp(\log π_{new} − \log π_{old}), \qquad
+        L_π = −\operatorname{mean}\big(\min(ρ A,\ \operatorname{clip}(ρ, 1−ε, 1+ε) A)\big)
+
+    Args:
+        log_prob_new: ``[N]`` log-probabilities under the current policy (carries gradient).
+        log_prob_old: ``[N]`` log-probabilities stored at rollout time (treated as constants).
+        advantages: ``[N]`` advantages (already whitened / clipped; treated as constants).
+        clip_range: ε > 0.
+
+    Returns:
+        `PolicyLossOutput`.
+    """
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if not (log_prob_new.shape == log_prob_old.shape == advantages.shape):
+        raise ValueError(
+            f"shape mismatch: log_prob_new {tuple(log_prob_new.shape)}, "
+            f"log_prob_old {tuple(log_prob_old.shape)}, "
+            f"advantages {tuple(advantages.shape)}"
+        )
+    log_ratio = log_prob_new.float() - log_prob_old.detach().float()
+    ratio = log_ratio.exp()
+    advantages = advantages.detach().float()
+
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+
+    ratio, log_ratio = ratio.detach(), log_ratio.detach()
+    return PolicyLossOutput(
+        loss=loss,
+        approx_kl=((ratio - 1.0) - log_ratio).mean(),
+        clipfrac=((ratio - 1.0).abs() > clip_range).float().mean(),
+        ratio_mean=ratio.mean(),
+        ratio_min=ratio.min(),
+        ratio_max=ratio.max(),
+    )
+
+
+@dataclass
+class ValueLossOutput:
+    """Value loss and its diagnostic (0-d tensors; only ``loss`` carries gradient).
+
+    Attributes:
+        loss: ``½ mean((V − G)²)`` or its clipped form.
+        clipfrac: fraction of elements with ``|V − V_old| > c`` (0 without clipping).
+    """
+
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+
+
+def value_loss(
+    values: torch.Tensor,
+    targets: torch.Tensor,
+    old_values: torch.Tensor | None = None,
+    clip_range: float | None = None,
+) -> ValueLossOutput:
+    r"""Squared-error value loss, optionally PPO-clipped around the rollout values (CleanRL form).
+
+    .. math::
+        L_V = ½ \operatorname{mean}(V − G)^2, \qquad
+        L_V^{clip} = ½ \operatorname{mean}\max\big((V − G)^2, (V_{clip} − G)^2\big),\
+        V_{clip} = V_{old} + \operatorname{clip}(V − V_{old}, −c, c)
+
+    Args:
+        values: ``[N]`` or ``[N, R]`` current predictions ``V`` (carries gradient).
+        targets: same shape, value targets ``G`` (constants).
+        old_values: same shape, rollout-time predictions ``V_old``; required with ``clip_range``.
+        clip_range: ``c > 0`` or ``None`` for the plain loss.
+
+    Returns:
+        `ValueLossOutput` (the mean runs over all elements).
+    """
+    if values.shape != targets.shape:
+        raise ValueError(
+            f"values {tuple(values.shape)} and targets {tuple(targets.shape)} must have the same shape"
+        )
+    values = values.float()
+    targets = targets.detach().float()
+    squared_error = (values - targets) ** 2
+    if clip_range is None:
+        return ValueLossOutput(loss=0.5 * squared_error.mean(), clipfrac=values.new_zeros(()))
+
+    if old_values is None:
+        raise ValueError("value_loss: clip_range needs old_values")
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if old_values.shape != values.shape:
+        raise ValueError(f"old_values {tuple(old_values.shape)} must have shape {tuple(values.shape)}")
+    old_values = old_values.detach().float()
+    delta = values - old_values
+    values_clipped = old_values + delta.clamp(-clip_range, clip_range)
+    loss = 0.5 * torch.maximum(squared_error, (values_clipped - targets) ** 2).mean()
+    with torch.no_grad():
+        clipfrac = (delta.abs() > clip_range).float().mean()
+    return ValueLossOutput(loss=loss, clipfrac=clipfrac)
+
+
+@torch.no_grad()
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r"""Fraction of the target variance explained by the prediction: ``1 − Var(G − V) / Var(G)``.
+
+    1 is perfect, 0 is no better than predicting the mean, negative is worse.  Variances are population
+    variances over all elements (the ratio does not depend on the choice for N > 1).
+
+    Args:
+        pred: predictions ``V`` (any shape).
+        target: targets ``G`` (same shape).
+
+    Returns:
+        0-d float32 tensor; NaN when ``Var(G) = 0``.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have equal shapes")
+    pred, target = pred.float().flatten(), target.float().flatten()
+    var_target = target.var(unbiased=False)
+    ev = 1.0 - (target - pred).var(unbiased=False) / var_target
+    return torch.where(var_target == 0, torch.full_like(ev, float("nan")), ev)  # no host sync

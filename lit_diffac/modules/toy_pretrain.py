@@ -1,0 +1,126 @@
+"""Pretraining of the embedded toy text-to-image models (the RL starting points).
+
+``lit-diffac run recipes/toy/pretrain_unet.yaml`` (or ``pretrain_dit.yaml``) trains a toy backbone and its
+tiny CLIP text encoder from scratch on the digits' train split with prompts from the training templates,
+then writes a diffusers pipeline folder to ``output_dir``.  A held-out alignment evaluation (the digit
+classifier judging samples for held-out prompt templates, CFG off, RL sampler settings) runs every
+``eval_every_n_steps`` and at the end; its figures go to TensorBoard and to ``lit_diffac.json``.
+
+The base models are meant to *leave room for RL*: the recipes stop early, at a held-out alignment
+between 20 % and 75 %.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_diffac.toy.digits import load_digits
+from lit_diffac.toy.models import build_toy_backbone, save_pipeline
+from lit_diffac.toy.prompts import TRAIN_TEMPLATES, make_prompt
+
+
+class ToyBasePretraining(L.LightningModule):
+    """Denoising pretraining of a toy UNet (ε-prediction, DDPM noise) or DiT (flow matching, v = ε − x₀).
+
+    Args:
+        family: ``"unet"`` (DDIM family) or ``"dit"`` (flow family).
+        output_dir: where the pipeline folder is written at the end of training.
+        lr: AdamW learning rate (denoiser and text encoder).
+        batch_size: images per step.
+        cond_dropout: probability of replacing a prompt by ``""`` (enables classifier-free guidance).
+        eval_every_n_steps: held-out alignment evaluation period (0: only at the end).
+        eval_samples_per_prompt: samples per held-out prompt in each evaluation.
+        eval_steps: sampler steps for evaluation (match the RL recipes).
+    """
+
+    def __init__(
+        self,
+        family: Literal["unet", "dit"] = "unet",
+        output_dir: str = "runs/toy-unet",
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        cond_dropout: float = 0.1,
+        eval_every_n_steps: int = 250,
+        eval_samples_per_prompt: int = 10,
+        eval_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
+        self.save_hyperparameters()
+        self.backbone = build_toy_backbone(family)
+        # The toy text encoder is trained jointly with the denoiser (it is frozen later, in RL).
+        self.backbone.text_encoder.requires_grad_(True).train()
+        self._data = load_digits("train")
+        self._started = time.time()
+        self.eval_history: list[dict] = []
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TensorDataset(self._data.images, self._data.labels)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True)
+
+    def configure_optimizers(self):
+        params = list(self.backbone.denoiser.parameters()) + list(self.backbone.text_encoder.parameters())
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=1e-4)
+
+    def _prompts(self, labels: torch.Tensor) -> list[str]:
+        templates = torch.randint(len(TRAIN_TEMPLATES), (labels.numel(),), device="cpu").tolist()
+        drop = (torch.rand(labels.numel(), device="cpu") < self.hparams.cond_dropout).tolist()
+        return ["" if d else make_prompt(int(y), TRAIN_TEMPLATES[k])
+                for y, k, d in zip(labels.tolist(), templates, drop)]
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        embeds = self.backbone._encode(self._prompts(labels))  # with grad: the text encoder trains
+        noise = torch.randn_like(images)
+        if self.hparams.family == "unet":
+            scheduler = self.backbone.scheduler
+            t = torch.randint(scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
+            noisy = scheduler.add_noise(images, noise, t)
+            target, model_t = noise, t
+        else:
+            sigma = torch.rand(images.shape[0], device=images.device)
+            s = sigma.view(-1, 1, 1, 1)
+            noisy = (1.0 - s) * images + s * noise
+            target, model_t = noise - images, sigma * self.backbone.scheduler.config.num_train_timesteps
+        prediction = self.backbone(noisy, model_t, embeds).prediction
+        loss = F.mse_loss(prediction.float(), target.float())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = self.hparams.eval_every_n_steps
+        if every and self.global_step % every == 0:
+            self._evaluate()
+
+    def _evaluate(self) -> dict:
+        from lit_diffac.evaluation import evaluate_toy_alignment
+
+        self.backbone.clear_prompt_cache()
+        metrics = evaluate_toy_alignment(self.backbone, samples_per_prompt=self.hparams.eval_samples_per_prompt,
+                                         num_steps=self.hparams.eval_steps)
+        self.backbone.clear_prompt_cache()
+        metrics = {"step": self.global_step, "minutes": (time.time() - self._started) / 60, **metrics}
+        self.eval_history.append(metrics)
+        for key in ("alignment_accuracy", "digit_probability"):
+            if self.logger is not None:
+                self.logger.log_metrics({f"eval/{key}": metrics[key]}, step=self.global_step)
+        self.print(f"step {self.global_step}: held-out alignment {metrics['alignment_accuracy']:.3f}")
+        return metrics
+
+    def on_train_end(self) -> None:
+        final = self._evaluate() if not self.eval_history or self.eval_history[-1]["step"] != self.global_step \
+            else self.eval_history[-1]
+        out = save_pipeline(self.backbone, self.hparams.output_dir, provenance={
+            "trained_by": "lit_diffac.modules.toy_pretrain.ToyBasePretraining",
+            "hparams": dict(self.hparams), "steps": self.global_step, "final_eval": final,
+            "eval_history": self.eval_history,
+        })
+        self.print(f"saved toy {self.hparams.family} pipeline to {Path(out).resolve()}")

@@ -1,0 +1,144 @@
+"""Rollouts: running the stochastic sampler while recording what PPO needs.
+
+A rollout of ``B`` prompts over ``K`` denoising steps stores the whole chain of latents, the per-step
+log-probabilities of the actions taken and the critic's value estimates, all computed by ONE backbone
+forward per step (the value head reads the features of the same pass that predicts ε̂ / v̂).
+
+:func:`denoise` is the single place where a backbone output is turned into a sampler input (with
+optional classifier-free guidance); rollouts and PPO updates both call it, so the recomputed
+log-probabilities of an update match the stored ones (the on-policy check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
+from lit_diffac.samplers.base import Sampler
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled denoising trajectories (everything on one device, no grad).
+
+    Shapes (``B`` samples, ``K`` steps, ``R`` value outputs, latents ``[C, H, W]``):
+
+    Attributes:
+        prompts: ``B`` prompt strings.
+        embeds: encoded prompts, batch ``B``.
+        latents: ``[B, K+1, C, H, W]`` the chain ``x_{t_0} (noise) … x_{t_K} (clean)``; action ``a_k`` is
+            ``latents[:, k+1]``.
+        log_probs: ``[B, K]`` fp32 ``log π_old(a_k | s_k)`` (per-dimension mean).
+        values: ``[B, K, R]`` fp32 ``V_old(s_k)`` (zeros when rolled out without a critic).
+        images: ``[B, 3, H, W]`` decoded final images in [0, 1].
+        rewards: ``[B, R_r]`` fp32 raw rewards, one column per reward (filled by the module).
+        features: when requested, the backbone features of every step, one ``[B, K, ...]`` tensor per tap
+            (detached; lets the critic take extra regression passes without new backbone passes).
+    """
+
+    prompts: list[str]
+    embeds: PromptEmbeds
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    values: torch.Tensor
+    images: torch.Tensor
+    rewards: torch.Tensor | None = None
+    features: list[torch.Tensor] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+
+def denoise(
+    backbone: DiffusionBackbone,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeds: PromptEmbeds,
+    cfg_scale: float = 1.0,
+    uncond: PromptEmbeds | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One (optionally guided) backbone pass → ``(prediction [B, C, H, W], features)``.
+
+    With ``cfg_scale != 1`` the unconditional and conditional halves run as ONE batched forward and
+    ``prediction = u + cfg_scale · (c − u)``; features are those of the conditional half.
+    """
+    if cfg_scale == 1.0:
+        out = backbone(latents, timesteps, embeds)
+        return out.prediction, out.features
+    if uncond is None:
+        raise ValueError("classifier-free guidance needs unconditional prompt embeddings")
+    batch = latents.shape[0]
+    both = PromptEmbeds.cat([uncond, embeds])
+    out = backbone(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both)
+    u, c = out.prediction.chunk(2)
+    return u + cfg_scale * (c - u), [f[batch:] for f in out.features]
+
+
+ValueFn = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def collect_rollout(
+    backbone: DiffusionBackbone,
+    sampler: Sampler,
+    prompts: Sequence[str],
+    value_head: nn.Module | None = None,
+    num_values: int = 1,
+    generator: torch.Generator | None = None,
+    cfg_scale: float = 1.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    keep_features: bool = False,
+) -> Rollout:
+    """Sample ``len(prompts)`` trajectories with the current policy.
+
+    Args:
+        backbone: the policy (and feature extractor).
+        sampler: a set-up sampler; its ``num_steps`` is ``K``.
+        prompts: one prompt per sample.
+        value_head: critic ``(features, t_frac [B], pooled [B, P]) → [B, R]``; ``None`` stores zeros.
+        num_values: ``R`` when there is no value head.
+        generator: randomness of the initial noise and of every step (reproducible rollouts).
+        cfg_scale: classifier-free guidance scale (1.0: off, the paper's default).
+        device: where to run (default: the backbone's).
+        dtype: latent dtype fed to the backbone (log-prob maths stays fp32).
+        keep_features: store every step's backbone features in :attr:`Rollout.features`.
+    """
+    device = torch.device(device) if device is not None else next(backbone.denoiser.parameters()).device
+    prompts = list(prompts)
+    embeds = backbone.encode_prompts(prompts).to(device)
+    uncond = backbone.encode_prompts([""] * len(prompts)).to(device) if cfg_scale != 1.0 else None
+    x = sampler.init_noise((len(prompts), *backbone.latent_shape), generator=generator, device=device)
+    latents, log_probs, values, kept = [x], [], [], []
+    for k in range(sampler.num_steps):
+        index = torch.full((len(prompts),), k, device=device, dtype=torch.long)
+        t = sampler.timestep_for(index, device=device)
+        prediction, features = denoise(backbone, x.to(dtype), t, embeds, cfg_scale, uncond)
+        if keep_features:
+            kept.append(features)
+        if value_head is not None:
+            values.append(value_head(features, sampler.timestep_fraction(index).to(device), embeds.pooled).float())
+        else:
+            values.append(torch.zeros(len(prompts), num_values, device=device))
+        step = sampler.step(prediction, index, x, generator=generator)
+        x = step.prev_sample
+        latents.append(x)
+        log_probs.append(step.log_prob)
+    return Rollout(
+        prompts=prompts,
+        embeds=embeds,
+        latents=torch.stack(latents, dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        values=torch.stack(values, dim=1),
+        images=backbone.decode(x),
+        features=[torch.stack(per_tap, dim=1) for per_tap in zip(*kept)] if keep_features else None,
+    )

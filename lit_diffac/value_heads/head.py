@@ -1,0 +1,168 @@
+"""The critic's head: a light attention reader of the backbone's own features (DESIGN §5).
+
+Each tapped feature tensor feeds one *branch*: a linear projection of its tokens, a learnable query token,
+AdaLN modulation of the query from the conditioning vector (zero-initialised gates, so a fresh branch is
+the identity on its query), QK-normalised attention of the query over the tokens, and a feed-forward block.
+Branch outputs are concatenated and an MLP maps them to one value per reward.
+
+* DiT features are image tokens ``[B, N, C]`` and are read as they are (they carry positional embeddings).
+* UNet features are maps ``[B, C, H, W]``: they are average-pooled into ``patch_size × patch_size`` patches,
+  flattened into tokens, and given fixed 2-D sin-cos positions.
+
+The conditioning vector is an MLP of the sinusoidal embedding of the diffusion time ``t/T`` (the paper's
+most important ingredient; ``timestep_conditioning=False`` for the ablation) plus, optionally, a
+projection of the pooled prompt embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_embedding(t_frac: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """``[B]`` diffusion times in [0, 1] → ``[B, dim]`` sin/cos features of ``1000·t`` (DDPM convention)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t_frac.device, dtype=torch.float32) / half)
+    args = 1000.0 * t_frac.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_2d(height: int, width: int, dim: int, device) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions ``[H·W, dim]`` (half the channels per axis)."""
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1)))
+    ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
+                            torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
+    parts = [f(axis.reshape(-1, 1) * freqs) for axis in (ys, xs) for f in (torch.sin, torch.cos)]
+    pos = torch.cat(parts, dim=-1)
+    return F.pad(pos, (0, dim - pos.shape[-1]))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1.0 + scale[:, None]) + shift[:, None]
+
+
+class ValueBranch(nn.Module):
+    """One tap's reader: a query token attends over the tap's tokens, modulated by the condition."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: int, num_heads: int = 4) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"value head width {dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.proj = nn.Linear(in_dim, dim)
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm_query = nn.LayerNorm(dim, elementwise_affine=False)
+        self.norm_tokens = nn.LayerNorm(dim)
+        self.norm_ff = nn.LayerNorm(dim, elementwise_affine=False)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.q_norm = nn.RMSNorm(dim // num_heads)
+        self.k_norm = nn.RMSNorm(dim // num_heads)
+        self.to_out = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        # AdaLN-Zero: shift/scale/gate for attention and feed-forward, zero-initialised.
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, N, in_dim]``, ``cond [B, cond_dim]`` → ``[B, dim]``."""
+        batch = tokens.shape[0]
+        kv = self.norm_tokens(self.proj(tokens))
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.ada(cond).chunk(6, dim=-1)
+        query = self.query.expand(batch, -1, -1)
+        h = modulate(self.norm_query(query), shift_a, scale_a)
+        q = self.q_norm(self._heads(self.to_q(h)))
+        k = self.k_norm(self._heads(self.to_k(kv)))
+        v = self._heads(self.to_v(kv))
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, 1, -1)
+        query = query + gate_a[:, None] * self.to_out(attn)
+        query = query + gate_f[:, None] * self.ff(modulate(self.norm_ff(query), shift_f, scale_f))
+        return query[:, 0]
+
+
+class ValueHead(nn.Module):
+    """Critic head ``V(features, t, c) → [B, num_outputs]`` (one output per reward).
+
+    Args:
+        feature_dims: channel width of each tapped feature (``backbone.feature_dims``).
+        text_dim: width of the pooled prompt embedding (``backbone.pooled_dim``).
+        num_outputs: number of value outputs ``R`` (one per reward).
+        dim: width of the head.
+        num_heads: attention heads per branch.
+        hidden: width of the output MLP.
+        patch_size: UNet maps are average-pooled by this factor before becoming tokens.
+        timestep_conditioning: condition on the diffusion time (turn off only for the ablation).
+        text_conditioning: add the pooled prompt embedding to the condition.
+        detach_features: stop value gradients at the backbone features (default; DESIGN §5).
+    """
+
+    def __init__(
+        self,
+        feature_dims: Sequence[int],
+        text_dim: int,
+        num_outputs: int = 1,
+        dim: int = 64,
+        num_heads: int = 4,
+        hidden: int = 128,
+        patch_size: int = 1,
+        timestep_conditioning: bool = True,
+        text_conditioning: bool = True,
+        detach_features: bool = True,
+    ) -> None:
+        super().__init__()
+        if not feature_dims:
+            raise ValueError("ValueHead needs at least one feature tap")
+        if num_outputs < 1 or patch_size < 1:
+            raise ValueError(f"num_outputs and patch_size must be >= 1, got {num_outputs}, {patch_size}")
+        self.num_outputs = num_outputs
+        self.patch_size = patch_size
+        self.timestep_conditioning = timestep_conditioning
+        self.text_conditioning = text_conditioning
+        self.detach_features = detach_features
+        self.dim = dim
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.branches = nn.ModuleList(ValueBranch(c, dim, dim, num_heads) for c in feature_dims)
+        self.out = nn.Sequential(nn.Linear(dim * len(feature_dims), hidden), nn.SiLU(), nn.Linear(hidden, num_outputs))
+
+    def condition(self, t_frac: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The AdaLN conditioning vector ``[B, dim]``."""
+        cond = torch.zeros(pooled.shape[0], self.dim, device=pooled.device)
+        if self.timestep_conditioning:
+            cond = cond + self.time_mlp(sinusoidal_embedding(t_frac, self.dim))
+        if self.text_conditioning:
+            cond = cond + self.text_proj(pooled.float())
+        return cond
+
+    def tokens(self, feature: torch.Tensor) -> torch.Tensor:
+        """A tap's output → tokens ``[B, N, C]`` (maps are pooled into patches with 2-D positions)."""
+        feature = feature.float()
+        if feature.ndim == 3:
+            return feature
+        if feature.ndim != 4:
+            raise ValueError(f"features must be tokens [B, N, C] or maps [B, C, H, W], got {tuple(feature.shape)}")
+        if self.patch_size > 1:
+            feature = F.avg_pool2d(feature, self.patch_size)
+        b, c, h, w = feature.shape
+        return feature.flatten(2).transpose(1, 2) + sincos_2d(h, w, c, feature.device)
+
+    def forward(self, features: Sequence[torch.Tensor], t_frac: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """``features`` (one per tap), ``t_frac [B]`` in (0, 1], ``pooled [B, text_dim]`` → ``[B, R]`` fp32."""
+        if len(features) != len(self.branches):
+            raise ValueError(f"value head built for {len(self.branches)} taps, got {len(features)} features")
+        cond = self.condition(t_frac, pooled)
+        outs = []
+        for branch, feature in zip(self.branches, features):
+            feature = feature.detach() if self.detach_features else feature
+            outs.append(branch(self.tokens(feature), cond))
+        return self.out(torch.cat(outs, dim=-1)).float()

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny toy pipelines in real diffusers formats, saved and loaded back like real weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def toy_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Randomly initialised toy UNet and DiT pipeline folders (``save_pretrained`` → tmp)."""
+    from lit_diffac.toy.models import build_toy_backbone, save_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    torch.manual_seed(0)
+    return {family: save_pipeline(build_toy_backbone(family), root / family) for family in ("unet", "dit")}
+
+
+@pytest.fixture
+def unet_backbone(toy_pipelines):
+    from lit_diffac.backbones.unet import UNetBackbone
+
+    return UNetBackbone(str(toy_pipelines["unet"]))
+
+
+@pytest.fixture
+def dit_backbone(toy_pipelines):
+    from lit_diffac.backbones.dit import DiTBackbone
+
+    return DiTBackbone(str(toy_pipelines["dit"]))
+
+
+@pytest.fixture(params=["unet", "dit"])
+def backbone(request, toy_pipelines):
+    """Each toy backbone in turn, freshly loaded from its folder."""
+    from lit_diffac.backbones.dit import DiTBackbone
+    from lit_diffac.backbones.unet import UNetBackbone
+
+    cls = UNetBackbone if request.param == "unet" else DiTBackbone
+    return cls(str(toy_pipelines[request.param]))
+
+
+@pytest.fixture
+def digit_reward():
+    from lit_diffac.rewards.toy import DigitAlignment
+
+    return DigitAlignment()

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from lit_diffac.value_heads import ValueHead, sinusoidal_embedding
+
+
+def _inputs(batch=3):
+    torch.manual_seed(0)
+    maps = [torch.randn(batch, 16, 8, 8), torch.randn(batch, 8, 4, 4)]
+    return maps, torch.rand(batch), torch.randn(batch, 12)
+
+
+def test_shapes_maps_and_tokens():
+    maps, t, pooled = _inputs()
+    head = ValueHead([16, 8], text_dim=12, num_outputs=3, dim=32)
+    assert head(maps, t, pooled).shape == (3, 3)
+    tokens = [torch.randn(3, 20, 16)]
+    assert ValueHead([16], text_dim=12, dim=32)(tokens, t, pooled).shape == (3, 1)
+
+
+def test_fresh_branches_ignore_features_until_gates_open():
+    """AdaLN-Zero: zero-initialised gates make a fresh head independent of the features."""
+    maps, t, pooled = _inputs()
+    head = ValueHead([16, 8], text_dim=12, dim=32)
+    other = [m + 5 * torch.randn_like(m) for m in maps]
+    assert torch.allclose(head(maps, t, pooled), head(other, t, pooled))
+
+
+def _open_gates(head):
+    for branch in head.branches:
+        torch.nn.init.normal_(branch.ada[1].weight, std=0.5)
+        torch.nn.init.normal_(branch.ada[1].bias, std=0.5)
+    return head
+
+
+@pytest.mark.parametrize("option, changes", [("timestep_conditioning", "t"), ("text_conditioning", "pooled")])
+def test_conditioning_options(option, changes):
+    maps, t, pooled = _inputs()
+    torch.manual_seed(1)
+    head = _open_gates(ValueHead([16, 8], text_dim=12, dim=32))
+    head_off = _open_gates(ValueHead([16, 8], text_dim=12, dim=32, **{option: False}))
+    t2, pooled2 = (torch.rand(3), pooled) if changes == "t" else (t, torch.randn(3, 12))
+    assert not torch.allclose(head(maps, t, pooled), head(maps, t2, pooled2))
+    assert torch.allclose(head_off(maps, t, pooled), head_off(maps, t2, pooled2))
+
+
+def test_features_matter_and_detach_option():
+    maps, t, pooled = _inputs()
+    head = _open_gates(ValueHead([16, 8], text_dim=12, dim=32))
+    maps = [m.requires_grad_() for m in maps]
+    assert not torch.allclose(head(maps, t, pooled), head([m * 2 for m in maps], t, pooled))
+    head(maps, t, pooled).sum().backward()
+    assert all(m.grad is None for m in maps)  # detached by default
+    head.detach_features = False
+    head(maps, t, pooled).sum().backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in maps)
+
+
+def test_patch_size_pools_tokens():
+    head = ValueHead([16], text_dim=4, patch_size=2)
+    assert head.tokens(torch.randn(2, 16, 8, 8)).shape == (2, 16, 16)
+
+
+def test_validation_messages():
+    with pytest.raises(ValueError, match="at least one feature tap"):
+        ValueHead([], text_dim=4)
+    with pytest.raises(ValueError, match="divisible"):
+        ValueHead([8], text_dim=4, dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="built for 1 taps"):
+        ValueHead([8], text_dim=4)([torch.randn(1, 4, 8), torch.randn(1, 4, 8)], torch.rand(1), torch.randn(1, 4))
+
+
+def test_sinusoidal_embedding_distinguishes_times():
+    emb = sinusoidal_embedding(torch.tensor([0.1, 0.5, 0.9]), 32)
+    assert emb.shape == (3, 32)
+    assert torch.cdist(emb, emb).fill_diagonal_(1.0).min() > 0.1
