@@ -74,3 +74,15 @@ def test_sinusoidal_embedding_distinguishes_times():
     emb = sinusoidal_embedding(torch.tensor([0.1, 0.5, 0.9]), 32)
     assert emb.shape == (3, 32)
     assert torch.cdist(emb, emb).fill_diagonal_(1.0).min() > 0.1
+
+
+@pytest.mark.parametrize("option", [{"num_queries": 3}, {"token_layers": 1}, {"dim": 48}, {"hidden": 32}])
+def test_capacity_options_change_the_head(option):
+    maps, t, pooled = _inputs()
+    torch.manual_seed(2)
+    base = _open_gates(ValueHead([16, 8], text_dim=12, dim=32))
+    torch.manual_seed(2)
+    other = _open_gates(ValueHead([16, 8], text_dim=12, **{"dim": 32, **option}))
+    assert sum(p.numel() for p in base.parameters()) != sum(p.numel() for p in other.parameters())
+    assert other(maps, t, pooled).shape == (3, 1)
+    assert not torch.allclose(base(maps, t, pooled), other(maps, t, pooled))

@@ -50,13 +50,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class ValueBranch(nn.Module):
     """One tap's reader: a query token attends over the tap's tokens, modulated by the condition."""
 
-    def __init__(self, in_dim: int, dim: int, cond_dim: int, num_heads: int = 4) -> None:
+    def __init__(self, in_dim: int, dim: int, cond_dim: int, num_heads: int = 4, num_queries: int = 1,
+                 token_layers: int = 0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"value head width {dim} must be divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.proj = nn.Linear(in_dim, dim)
-        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        # Optional self-attention over the tokens before the read-out, so the query sees tokens that already
+        # know about each other (shapes, not just a bag of local features); the condition is added to them.
+        self.cond_to_tokens = nn.Linear(cond_dim, dim) if token_layers else None
+        self.token_layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True) for _ in range(token_layers))
+        self.query = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
         self.norm_query = nn.LayerNorm(dim, elementwise_affine=False)
         self.norm_tokens = nn.LayerNorm(dim)
         self.norm_ff = nn.LayerNorm(dim, elementwise_affine=False)
@@ -75,19 +82,24 @@ class ValueBranch(nn.Module):
         return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``tokens [B, N, in_dim]``, ``cond [B, cond_dim]`` → ``[B, dim]``."""
+        """``tokens [B, N, in_dim]``, ``cond [B, cond_dim]`` → ``[B, num_queries · dim]``."""
         batch = tokens.shape[0]
-        kv = self.norm_tokens(self.proj(tokens))
+        kv = self.proj(tokens)
+        if self.cond_to_tokens is not None:
+            kv = kv + self.cond_to_tokens(cond)[:, None]
+            for layer in self.token_layers:
+                kv = layer(kv)
+        kv = self.norm_tokens(kv)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.ada(cond).chunk(6, dim=-1)
         query = self.query.expand(batch, -1, -1)
         h = modulate(self.norm_query(query), shift_a, scale_a)
         q = self.q_norm(self._heads(self.to_q(h)))
         k = self.k_norm(self._heads(self.to_k(kv)))
         v = self._heads(self.to_v(kv))
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, 1, -1)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, query.shape[1], -1)
         query = query + gate_a[:, None] * self.to_out(attn)
         query = query + gate_f[:, None] * self.ff(modulate(self.norm_ff(query), shift_f, scale_f))
-        return query[:, 0]
+        return query.flatten(1)
 
 
 class ValueHead(nn.Module):
@@ -100,6 +112,8 @@ class ValueHead(nn.Module):
         dim: width of the head.
         num_heads: attention heads per branch.
         hidden: width of the output MLP.
+        num_queries: learnable query tokens per branch (their outputs are concatenated).
+        token_layers: self-attention layers over each tap's tokens before the query read-out (0: none).
         patch_size: UNet maps are average-pooled by this factor before becoming tokens.
         timestep_conditioning: condition on the diffusion time (turn off only for the ablation).
         text_conditioning: add the pooled prompt embedding to the condition.
@@ -114,6 +128,8 @@ class ValueHead(nn.Module):
         dim: int = 64,
         num_heads: int = 4,
         hidden: int = 128,
+        num_queries: int = 1,
+        token_layers: int = 0,
         patch_size: int = 1,
         timestep_conditioning: bool = True,
         text_conditioning: bool = True,
@@ -132,8 +148,8 @@ class ValueHead(nn.Module):
         self.dim = dim
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.text_proj = nn.Linear(text_dim, dim)
-        self.branches = nn.ModuleList(ValueBranch(c, dim, dim, num_heads) for c in feature_dims)
-        self.out = nn.Sequential(nn.Linear(dim * len(feature_dims), hidden), nn.SiLU(), nn.Linear(hidden, num_outputs))
+        self.branches = nn.ModuleList(ValueBranch(c, dim, dim, num_heads, num_queries, token_layers) for c in feature_dims)
+        self.out = nn.Sequential(nn.Linear(dim * num_queries * len(feature_dims), hidden), nn.SiLU(), nn.Linear(hidden, num_outputs))
 
     def condition(self, t_frac: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """The AdaLN conditioning vector ``[B, dim]``."""

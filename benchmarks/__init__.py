@@ -1,0 +1,1 @@
+"""Benchmarks: each module is runnable as ``python -m benchmarks.<name>`` and writes to benchmarks/results/."""

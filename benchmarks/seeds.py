@@ -1,0 +1,88 @@
+"""Run one recipe under several seeds and tabulate the ``summary.json`` of each run.
+
+    python -m benchmarks.seeds recipes/toy/actor_critic_dit.yaml --seeds 0 1 2 [--threads 2] [-- overrides...]
+
+Each seed runs ``lit-diffac run RECIPE --seed_everything=S --model.init_args.seed=S`` in a subprocess (so a
+run's wall time is its own), then a Markdown table and a JSON file go to ``benchmarks/results/``:
+held-out alignment before and after, the gain, the critic's final explained variance (overall and per third
+of the chain), samples seen and wall time, plus mean and spread (min–max) over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_seed(recipe: str, seed: int, threads: int, overrides: list[str], save_dir: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "lit_diffac", "run", recipe, f"--seed_everything={seed}",
+           f"--model.init_args.seed={seed}", "--trainer.enable_progress_bar=false",
+           f"--trainer.logger.init_args.save_dir={save_dir}", *overrides]
+    start = time.time()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"seed {seed} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    last = out.stdout.strip().splitlines()[-1]
+    summary = json.loads(Path(last.removeprefix("summary: ")).read_text())
+    summary["process_wall_time_s"] = time.time() - start
+    return summary
+
+
+def row(seed: int, s: dict) -> dict:
+    acc = next(k for k in s["final"] if k.endswith("_accuracy"))
+    train = s["final_train"]
+    return {"seed": seed, "base": s["base"][acc], "final": s["final"][acc], "gain": s["final"][acc] - s["base"][acc],
+            "ev": s["final_explained_variance"], "ev_early": train.get("train/explained_variance_early"),
+            "ev_late": train.get("train/explained_variance_late"), "samples": s["samples_seen"],
+            "fit_s": s["wall_time_s"], "process_s": s["process_wall_time_s"]}
+
+
+def table(rows: list[dict]) -> str:
+    head = "| seed | base acc | final acc | gain (pts) | EV | EV early | EV late | samples | fit time (s) | process time (s) |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['base']:.3f} | {r['final']:.3f} | {100 * r['gain']:+.1f} | {r['ev']:.2f} | "
+                     f"{r['ev_early']:.2f} | {r['ev_late']:.2f} | {r['samples']} | {r['fit_s']:.0f} | {r['process_s']:.0f} |")
+    for name, fn in (("mean", statistics.mean), ("min", min), ("max", max)):
+        agg = {k: fn([r[k] for r in rows]) for k in ("base", "final", "gain", "ev", "ev_early", "ev_late", "fit_s",
+                                                      "process_s")}
+        lines.append(f"| {name} | {agg['base']:.3f} | {agg['final']:.3f} | {100 * agg['gain']:+.1f} | {agg['ev']:.2f} | "
+                     f"{agg['ev_early']:.2f} | {agg['ev_late']:.2f} | | {agg['fit_s']:.0f} | {agg['process_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--out", default=None, help="result name (default: the recipe's stem)")
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides, after --")
+    args = parser.parse_args(argv)
+    name = args.out or Path(args.recipe).stem
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        rows.append(row(seed, run_seed(args.recipe, seed, args.threads, args.overrides, RESULTS / "runs")))
+        print(json.dumps(rows[-1]), flush=True)
+    command = "python -m benchmarks.seeds " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (f"`{command}` — {platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), "
+              f"{time.strftime('%Y-%m-%d')}, OMP_NUM_THREADS={args.threads}\n\n")
+    (RESULTS / f"{name}_seeds.md").write_text(header + table(rows) + "\n")
+    (RESULTS / f"{name}_seeds.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+    print(header + table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
