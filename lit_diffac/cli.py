@@ -102,9 +102,13 @@ def lazy_command(target: str, description: str) -> Callable[[list[str]], int]:
     return command
 
 
+EXTRA_COMMANDS["sample"] = lazy_command(
+    "lit_diffac.sampling:sample_main",
+    "generate images from a recipe's policy (optionally critic-steered or best-of-N) with their rewards")
 EXTRA_COMMANDS["toy-eval"] = lazy_command(
     "lit_diffac.evaluation:toy_eval_main",
     "report the toy world's figures: judge accuracy and each base model's held-out alignment")
+EXTRA_COMMANDS["convert-reward"] = lazy_command("lit_diffac.rewards.convert:convert_reward_main", "convert an official reward checkpoint (HPSv2, ImageReward) into a safetensors folder, offline")
 
 
 def tensorboard_logger(name: str = DEFAULT_RUN_NAME, save_dir: str = "runs") -> dict[str, Any]:

@@ -39,6 +39,7 @@ from lit_diffac.rewards.base import Reward
 from lit_diffac.rollout import Rollout, collect_rollout, denoise
 from lit_diffac.samplers.base import Sampler
 from lit_diffac.value_heads.head import ValueHead
+from lit_diffac.value_heads.io import load_value_head
 
 ValueHeadFactory = Callable[[list[int], int, int], nn.Module]
 
@@ -72,6 +73,12 @@ class LatentActorCritic(L.LightningModule):
         value_gradient: ``"detached"`` (value loss trains only the head) or ``"shared"`` (it also trains the
             backbone's policy parameters).
         cfg_scale: classifier-free guidance in rollouts and updates (1.0 = off, the paper's setting).
+        value_per_reward: one value output per reward (default); ``False`` fits a single head on the weighted
+            sum of the standardised rewards (the ablation of DESIGN §5).
+        value_warmup_iters: the first N iterations train only the critic (policy untouched: in-line value
+            pretraining).
+        critic_init: a value-head file written by :class:`~lit_diffac.modules.ValuePretraining` (or
+            :func:`~lit_diffac.value_heads.save_value_head`) to start the critic from.
         eval_every_n_iterations: evaluation period (0: only before and after training).
         eval_samples_per_prompt: samples per held-out prompt.
         seed: seeds prompts, rollout noise and minibatch order (with the iteration and process rank).
@@ -107,6 +114,9 @@ class LatentActorCritic(L.LightningModule):
         reward_normalization: Literal["running", "batch", "none"] = "running",
         value_gradient: Literal["detached", "shared"] = "detached",
         cfg_scale: float = 1.0,
+        value_per_reward: bool = True,
+        value_warmup_iters: int = 0,
+        critic_init: str | None = None,
         eval_every_n_iterations: int = 0,
         eval_samples_per_prompt: int = 25,
         seed: int = 0,
@@ -115,7 +125,8 @@ class LatentActorCritic(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "rewards", "sampler", "value_head", "estimator"])
         _check_config(batch_size=batch_size, minibatch_size=minibatch_size, num_inner_epochs=num_inner_epochs,
                       timestep_fraction=timestep_fraction, clip_range=clip_range, cfg_scale=cfg_scale,
-                      critic_epochs=critic_epochs, value_gradient=value_gradient)
+                      critic_epochs=critic_epochs, value_gradient=value_gradient,
+                      value_warmup_iters=value_warmup_iters)
         self.automatic_optimization = False
         self.backbone = backbone
         self.rewards = nn.ModuleList([rewards] if isinstance(rewards, Reward) else list(rewards))
@@ -137,6 +148,12 @@ class LatentActorCritic(L.LightningModule):
             if self.estimator.uses_critic else None
         if self.value_head is not None and hasattr(self.value_head, "detach_features"):
             self.value_head.detach_features = value_gradient == "detached"
+        if self.value_head is None and (critic_init is not None or value_warmup_iters):
+            raise ValueError("critic_init / value_warmup_iters need a critic, but this estimator uses none")
+        if critic_init is not None:
+            if self.value_head is None:
+                raise ValueError("critic_init was given but this estimator uses no critic")
+            load_value_head(self.value_head, critic_init)
         self.reward_normalizer = RewardNormalizer(len(self.rewards), reward_normalization)
         self.train_prompt_list = load_prompts(train_prompts)
         self.eval_prompt_list = load_prompts(eval_prompts)
@@ -147,8 +164,12 @@ class LatentActorCritic(L.LightningModule):
 
     # ------------------------------------------------------------------ configuration
     def _num_value_outputs(self) -> int:
-        """One value output per reward (a subclass may use a single head on the weighted sum)."""
-        return len(self.rewards)
+        """One value output per reward, or one for the weighted reward sum (``value_per_reward=False``)."""
+        return len(self.rewards) if self.hparams.value_per_reward else 1
+
+    def trains_actor(self) -> bool:
+        """Whether this iteration updates the policy (not during value warm-up)."""
+        return self.current_epoch >= self.hparams.value_warmup_iters
 
     def train_dataloader(self) -> DataLoader:
         # One item per epoch: the iteration draws its own prompts from (seed, iteration, rank).
@@ -163,6 +184,11 @@ class LatentActorCritic(L.LightningModule):
         critic = torch.optim.AdamW(self.value_head.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
                                    weight_decay=hp.weight_decay)
         return [actor, critic]
+
+    def actor_critic_optimizers(self):
+        """``(actor, critic)`` optimisers; either may be ``None`` (no critic / frozen policy)."""
+        optimizers = self.optimizers()
+        return tuple(optimizers) if isinstance(optimizers, list) else (optimizers, None)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate ``x`` over processes along dim 0 (identity on one process)."""
@@ -191,8 +217,11 @@ class LatentActorCritic(L.LightningModule):
                      next_latents: torch.Tensor, uncond: PromptEmbeds | None = None):
         """One backbone pass on ``(x_{t_k}, k)`` pairs → ``(log π(x_{t_{k+1}} | x_{t_k}) [M], V [M, R] | None)``."""
         t = self.sampler.timestep_for(step_index, device=self.device)
-        prediction, features = denoise(self.backbone, latents, t, embeds, self.hparams.cfg_scale, uncond)
-        log_prob = self.sampler.step(prediction, step_index, latents, prev_sample=next_latents).log_prob
+        # Value-only iterations (warm-up, pretraining) need no graph through a detached-feature backbone.
+        backbone_grad = self.trains_actor() or self.hparams.value_gradient == "shared"
+        with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_grad):
+            prediction, features = denoise(self.backbone, latents, t, embeds, self.hparams.cfg_scale, uncond)
+            log_prob = self.sampler.step(prediction, step_index, latents, prev_sample=next_latents).log_prob
         values = None
         if self.value_head is not None:
             values = self.value_head(features, self.sampler.timestep_fraction(step_index).to(self.device),
@@ -233,7 +262,11 @@ class LatentActorCritic(L.LightningModule):
         batch, num_steps = rollout.batch_size, rollout.num_steps
         metrics = self._reward_metrics(rollout.rewards)
         normalized = self.reward_normalizer(rollout.rewards, gather=self._gather)
-        est = self.estimator(normalized, rollout.values, rollout.prompts, self.reward_weights, gather=self._gather)
+        weights = self.reward_weights
+        if self.num_values == 1 and len(self.rewards) > 1:  # single head on the weighted sum
+            normalized, weights = (normalized * weights).sum(-1, keepdim=True), weights.new_ones(1)
+        est = self.estimator(normalized, rollout.values, rollout.prompts, weights, gather=self._gather)
+        train_actor = self.trains_actor()
         if est.targets is not None:
             metrics.update(_value_diagnostics(rollout.values, est.targets, self.reward_names))
 
@@ -241,8 +274,7 @@ class LatentActorCritic(L.LightningModule):
         generator = self._generator(purpose=1)
         steps_kept = max(1, math.ceil(hp.timestep_fraction * num_steps))
         uncond = self.backbone.encode_prompts([""]).to(self.device) if hp.cfg_scale != 1.0 else None
-        optimizers = self.optimizers()
-        actor_opt, critic_opt = (optimizers if isinstance(optimizers, list) else [optimizers, None])
+        actor_opt, critic_opt = self.actor_critic_optimizers()
         self.backbone.train()
         sums: dict[str, list[float]] = {}
         for epoch in range(hp.num_inner_epochs):
@@ -258,7 +290,7 @@ class LatentActorCritic(L.LightningModule):
                 log_prob, values = self.forward_step(rollout.latents[i, k], k, embeds, rollout.latents[i, k + 1],
                                                      mb_uncond)
                 policy = ppo_policy_loss(log_prob, rollout.log_probs[i, k], est.advantages[i, k], hp.clip_range)
-                loss = policy.loss
+                loss = policy.loss if train_actor else torch.zeros((), device=self.device)
                 diag = {"train/policy_loss": policy.loss, "train/approx_kl": policy.approx_kl,
                         "train/clipfrac": policy.clipfrac, "train/ratio_mean": policy.ratio_mean,
                         "train/ratio_min": policy.ratio_min, "train/ratio_max": policy.ratio_max}
@@ -274,8 +306,9 @@ class LatentActorCritic(L.LightningModule):
                     if opt is not None:
                         opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                diag["train/actor_grad_norm"] = _clip(self.backbone.policy_parameters(), hp.max_grad_norm)
-                actor_opt.step()
+                if train_actor:
+                    diag["train/actor_grad_norm"] = _clip(self.backbone.policy_parameters(), hp.max_grad_norm)
+                    actor_opt.step()
                 if critic_opt is not None:
                     diag["train/critic_grad_norm"] = _clip(list(self.value_head.parameters()),
                                                            hp.critic_max_grad_norm)
@@ -286,6 +319,7 @@ class LatentActorCritic(L.LightningModule):
         if self._needs_features() and est.targets is not None:
             metrics["train/critic_extra_value_loss"] = self.fit_critic(rollout, est.targets, critic_opt, generator)
         metrics.update({key: sum(v) / len(v) for key, v in sums.items()})
+        metrics["train/actor_updated"] = float(train_actor)
         metrics["train/ratio_min"] = min(sums["train/ratio_min"])
         metrics["train/ratio_max"] = max(sums["train/ratio_max"])
         metrics["train/neg_log_prob"] = -rollout.log_probs.mean().item()
@@ -417,7 +451,7 @@ def _value_diagnostics(values: torch.Tensor, targets: torch.Tensor, names: list[
     for bucket, sl in thirds.items():
         if values[:, sl].numel():
             out[f"train/explained_variance_{bucket}"] = explained_variance(values[:, sl], targets[:, sl]).item()
-    if len(names) > 1:
+    if values.shape[-1] > 1:  # one value output per reward
         for j, name in enumerate(names):
             out[f"train/explained_variance/{name}"] = explained_variance(values[..., j], targets[..., j]).item()
     return out
@@ -432,6 +466,8 @@ def _check_config(**kw) -> None:
         problems.append(f"timestep_fraction must be in (0, 1] (got {kw['timestep_fraction']})")
     if not kw["clip_range"] > 0:
         problems.append(f"clip_range must be > 0 (got {kw['clip_range']})")
+    if kw["value_warmup_iters"] < 0:
+        problems.append(f"value_warmup_iters must be >= 0 (got {kw['value_warmup_iters']})")
     if kw["critic_epochs"] < 0:
         problems.append(f"critic_epochs must be >= 0 (got {kw['critic_epochs']})")
     if kw["critic_epochs"] and kw["value_gradient"] != "detached":

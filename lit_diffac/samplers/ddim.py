@@ -155,6 +155,7 @@ class DDIMSampler(Sampler):
         self.prediction_type = "epsilon"
         self.clip_sample = False
         self.clip_sample_range = 1.0
+        self._warned_clip = False
         self.init_noise_sigma = 1.0
 
     def _hparams(self) -> dict[str, Any]:
@@ -259,6 +260,11 @@ class DDIMSampler(Sampler):
             raise NotImplementedError(
                 f"guide() supports prediction_type='epsilon' only, not {self.prediction_type!r}"
             )
+        if self.clip_sample and not self._warned_clip:
+            warnings.warn("critic steering with clip_sample=True: where x̂0 is clipped the ε-shift only moves the "
+                          "direction term, which pushes the step AGAINST the value gradient; use a scheduler with "
+                          "clip_sample=False (SD1.5's setting) for steering", stacklevel=2)
+            self._warned_clip = True
         batch_size, device = model_output.shape[0], model_output.device
         index = self._step_index(step_index, batch_size, device)
         coef = per_sample(scale, batch_size, device) * (1.0 - self._table("alpha_t", device)[index]).sqrt()

@@ -1,0 +1,66 @@
+"""Value pretraining: fit the critic on the initial policy's rollouts before PPO (DESIGN §6).
+
+The policy is frozen (no actor optimiser, its weights stay bit-identical); each iteration rolls out the
+initial policy, scores it and regresses the value head on the Monte-Carlo returns (γ = λ = 1: the
+standardised final reward at every step).  At the end the head is written to ``output_path`` so an
+actor-critic recipe can start from it with ``critic_init: <output_path>``.  The paper found ~15 iterations
+help and much longer pretraining hurts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lit_diffac.estimators import CriticGAE
+from lit_diffac.modules.actor_critic import LatentActorCritic
+from lit_diffac.value_heads.io import save_value_head
+
+
+class ValuePretraining(LatentActorCritic):
+    """Critic-only training on rollouts of the frozen initial policy.
+
+    Takes every :class:`LatentActorCritic` argument (backbone, rewards, sampler, value head, ...) plus:
+
+    Args:
+        output_path: where the trained value head is saved (safetensors).
+    """
+
+    def __init__(self, *args, output_path: str = "runs/value_head.safetensors", **kwargs) -> None:
+        kwargs.setdefault("estimator", CriticGAE(gamma=1.0, lam=1.0))
+        kwargs.setdefault("eval_every_n_iterations", 0)
+        super().__init__(*args, **kwargs)
+        if self.value_head is None:
+            raise ValueError("ValuePretraining needs an estimator with a critic (e.g. CriticGAE)")
+        self.output_path = output_path
+        self.backbone.requires_grad_(False)
+
+    def trains_actor(self) -> bool:
+        return False
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return torch.optim.AdamW(self.value_head.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
+                                 weight_decay=hp.weight_decay)
+
+    def actor_critic_optimizers(self):
+        return None, self.optimizers()
+
+    def on_fit_start(self) -> None:  # the policy does not change: no held-out evaluation needed
+        import time
+
+        self._fit_started = time.perf_counter()
+        self.sampler.to(self.device)
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = save_value_head(self.value_head, self.output_path, iterations=self.current_epoch,
+                                   rewards=self.reward_names, backbone=getattr(self.backbone, "pretrained", None))
+            self.print(f"saved value head to {Path(path).resolve()}")
+            if self.logger is not None and self.trainer.log_dir is not None:
+                self.write_summary(Path(self.trainer.log_dir) / "summary.json")
+
+    def write_summary(self, path: Path) -> Path:
+        self.eval_history = self.eval_history or [{"label": "none"}]
+        return super().write_summary(path)
