@@ -23,3 +23,16 @@ def test_actor_critic_dit_improves_heldout_alignment(tmp_path, monkeypatch, caps
     final = summary["final"]["eval/digit_alignment_accuracy"]
     assert final - base >= 0.05, (base, final)
     assert summary["final_train"]["train/onpolicy_max_abs_ratio_dev"] < 1e-5
+
+
+@pytest.mark.slow
+def test_extensions_benchmark_quick_mode(tmp_path, monkeypatch):
+    """The extensions benchmark's pipeline end to end on tiny settings (numbers meaningless)."""
+    import benchmarks.extensions as ext
+
+    monkeypatch.setattr(ext, "RESULTS", tmp_path)
+    assert ext.main(["--quick", "--threads", "1", "--scales", "0", "1"]) == 0
+    text = (tmp_path / "extensions.md").read_text()
+    for group in ("value_pretraining", "timestep_conditioning", "reward_hacking", "steering"):
+        assert f"**{group}**" in text
+    assert (tmp_path / "extensions_steering.png").is_file()

@@ -56,6 +56,8 @@ class LatentActorCritic(L.LightningModule):
         estimator: advantage estimator (default: :class:`CriticGAE` with γ = λ = 1).
         train_prompts: prompt source for rollouts (``"toy:train"``, a text file, or a list).
         eval_prompts: prompt source for held-out evaluation.
+        eval_rewards: extra rewards measured in evaluation only (e.g. the alignment judge while training on
+            a hackable reward).
         batch_size: trajectories per iteration per process.
         minibatch_size: (sample, step) pairs per PPO minibatch.
         num_inner_epochs: passes over the iteration's data.
@@ -97,6 +99,7 @@ class LatentActorCritic(L.LightningModule):
         estimator: AdvantageEstimator | None = None,
         train_prompts: PromptSource = "toy:train",
         eval_prompts: PromptSource = "toy:heldout",
+        eval_rewards: Sequence[Reward] = (),
         batch_size: int = 32,
         minibatch_size: int = 64,
         num_inner_epochs: int = 1,
@@ -122,7 +125,8 @@ class LatentActorCritic(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "rewards", "sampler", "value_head", "estimator"])
+        self.save_hyperparameters(
+            ignore=["backbone", "rewards", "sampler", "value_head", "estimator", "eval_rewards"])
         _check_config(batch_size=batch_size, minibatch_size=minibatch_size, num_inner_epochs=num_inner_epochs,
                       timestep_fraction=timestep_fraction, clip_range=clip_range, cfg_scale=cfg_scale,
                       critic_epochs=critic_epochs, value_gradient=value_gradient,
@@ -154,6 +158,8 @@ class LatentActorCritic(L.LightningModule):
             if self.value_head is None:
                 raise ValueError("critic_init was given but this estimator uses no critic")
             load_value_head(self.value_head, critic_init)
+        extra = [r for r in eval_rewards if r.name not in names]
+        self.eval_rewards = nn.ModuleList(extra)
         self.reward_normalizer = RewardNormalizer(len(self.rewards), reward_normalization)
         self.train_prompt_list = load_prompts(train_prompts)
         self.eval_prompt_list = load_prompts(eval_prompts)
@@ -373,7 +379,7 @@ class LatentActorCritic(L.LightningModule):
     @torch.no_grad()
     def evaluate(self, samples_per_prompt: int | None = None) -> dict[str, float]:
         """Held-out evaluation: fixed prompts and seeds, CFG off; mean of every reward (and accuracies)."""
-        return evaluate(self.backbone, self.sampler, self.eval_prompt_list, list(self.rewards),
+        return evaluate(self.backbone, self.sampler, self.eval_prompt_list, [*self.rewards, *self.eval_rewards],
                         samples_per_prompt=samples_per_prompt or self.hparams.eval_samples_per_prompt,
                         device=self.device)
 

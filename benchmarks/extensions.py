@@ -1,0 +1,176 @@
+"""The paper's extensions on the toy DiT: value pretraining, timestep conditioning, reward hacking, steering.
+
+    python -m benchmarks.extensions [--iters 300] [--seeds 0] [--threads 2] [--quick]
+
+Runs ``lit-diffac`` recipes in subprocesses and writes ``benchmarks/results/extensions.{csv,md,png}``:
+
+1. value pretraining for 0 / short / long iterations before PPO → final held-out alignment, explained variance;
+2. value head with vs without timestep conditioning → explained variance (overall, early, late) and alignment;
+3. reward hacking: brightness alone vs brightness + digit alignment (one head per reward, or one head on the
+   sum) → final brightness and held-out alignment accuracy;
+4. test-time steering scale sweep on the trained policy vs best-of-N at equal backbone compute.
+
+``--quick`` shrinks everything (2 iterations, tiny batches) to check the pipeline; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DIT = str(ROOT / "recipes" / "toy" / "actor_critic_dit.yaml")
+MULTI = str(ROOT / "recipes" / "toy" / "multi_reward_dit.yaml")
+VALUE = str(ROOT / "recipes" / "toy" / "value_pretrain_dit.yaml")
+JUDGE = "{class_path: lit_diffac.rewards.DigitAlignment}"
+
+
+def lit_diffac(args: list[str], threads: int) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-m", "lit_diffac", *args], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"lit-diffac {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def run(recipe: str, overrides: list[str], cfg) -> dict:
+    """Run a recipe, return its summary.json (plus the checkpoint folder)."""
+    stdout = lit_diffac(["run", recipe, "--trainer.enable_progress_bar=false",
+                         f"--trainer.logger.init_args.save_dir={RESULTS / 'runs' / 'extensions'}",
+                         *cfg.common, *overrides], cfg.threads)
+    path = Path(stdout.strip().splitlines()[-1].removeprefix("summary: "))
+    summary = json.loads(path.read_text())
+    summary["log_dir"] = str(path.parent)
+    return summary
+
+
+def fields(summary: dict) -> dict:
+    final, train = summary["final"], summary["final_train"]
+    return {"alignment_acc": final.get("eval/digit_alignment_accuracy"), "brightness": final.get("eval/brightness"),
+            "ev": summary["final_explained_variance"], "ev_early": train.get("train/explained_variance_early"),
+            "ev_late": train.get("train/explained_variance_late"), "fit_s": summary["wall_time_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--pretrain", type=int, nargs=2, default=[15, 60], help="short and long value pretraining")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    tiny = ["--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20"] if args.quick else []
+    eval_n = ["--model.init_args.eval_samples_per_prompt=1"] if args.quick else []
+    iters = 2 if args.quick else args.iters
+    pre_short, pre_long = (1, 2) if args.quick else args.pretrain
+    rows: list[dict] = []
+    started = time.time()
+    for seed in args.seeds:
+        args.common = [f"--seed_everything={seed}", f"--model.init_args.seed={seed}", *tiny]
+        ac = [f"--trainer.max_epochs={iters}", "--model.init_args.eval_every_n_iterations=0", *eval_n]
+
+        def record(group, variant, summary, **extra):
+            rows.append({"group": group, "variant": variant, "seed": seed, **fields(summary), **extra})
+            print(json.dumps(rows[-1]), flush=True)
+
+        # 1 + 2: value pretraining 0 / short / long; the 0 run is also the timestep-conditioned reference.
+        base = run(DIT, [*ac, "--trainer.enable_checkpointing=true"], args)
+        record("value_pretraining", "0 iterations", base)
+        for n in (pre_short, pre_long):
+            head = RESULTS / "runs" / "extensions" / f"value_head_{n}_seed{seed}.safetensors"
+            run(VALUE, [f"--trainer.max_epochs={n}", f"--model.init_args.output_path={head}"], args)
+            record("value_pretraining", f"{n} iterations", run(DIT, [*ac, f"--model.init_args.critic_init={head}"], args))
+        record("timestep_conditioning", "with (default)", base)
+        record("timestep_conditioning", "without",
+               run(DIT, [*ac, "--model.init_args.value_head.init_args.timestep_conditioning=false"], args))
+        # 3: reward hacking.
+        bright_only = [*ac, "--model.init_args.rewards=[{class_path: lit_diffac.rewards.Brightness}]",
+                       f"--model.init_args.eval_rewards=[{JUDGE}]"]
+        record("reward_hacking", "brightness only", run(DIT, bright_only, args))
+        record("reward_hacking", "brightness + alignment, one head per reward", run(MULTI, ac, args))
+        record("reward_hacking", "brightness + alignment, one head on the sum",
+               run(MULTI, [*ac, "--model.init_args.value_per_reward=false"], args))
+        # 4: steering sweep and best-of-N on the trained policy (the value-pretraining-0 run).
+        ckpt = next(Path(base["log_dir"]).glob("checkpoints/*.ckpt"))
+        samples_per_prompt = 2 if args.quick else 25
+        for scale in args.scales:
+            rows.append(sample_row(seed, f"steer scale {scale:g}", ckpt, samples_per_prompt, args,
+                                   ["--scale", str(scale), "--steps", "all"]))
+        for n, rank in ((3, "value"), (3, "digit_alignment")):
+            rows.append(sample_row(seed, f"best-of-{n} by {rank}", ckpt, samples_per_prompt, args,
+                                   ["--best-of", str(n), "--rank-by", rank]))
+    write(rows, args, time.time() - started)
+    return 0
+
+
+def sample_row(seed: int, variant: str, ckpt: Path, samples_per_prompt: int, args, extra: list[str]) -> dict:
+    out = RESULTS / "runs" / "extensions" / f"samples_{variant.replace(' ', '_')}_seed{seed}"
+    lit_diffac(["sample", "--config", DIT, "--ckpt", str(ckpt), "--prompts", "toy:heldout", "--seed", "12345",
+                "--samples-per-prompt", str(samples_per_prompt), "--out", str(out), *extra,
+                "--trainer.logger=false"], args.threads)
+    report = json.loads((out / "rewards.json").read_text())
+    row = {"group": "steering", "variant": variant, "seed": seed,
+           "alignment_acc": report["mean"]["digit_alignment_accuracy"],
+           "digit_probability": report["mean"]["digit_alignment"],
+           "compute_per_sample": report["compute_forward_equivalents"] / len(report["images"])}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write(rows: list[dict], args, seconds: float) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    with (RESULTS / "extensions.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    command = "python -m benchmarks.extensions " + " ".join(sys.argv[1:])
+    lines = [f"`{command}` — {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}, "
+             f"OMP_NUM_THREADS={args.threads}, {seconds / 60:.0f} min", ""]
+    for group in dict.fromkeys(r["group"] for r in rows):
+        sub = [r for r in rows if r["group"] == group]
+        cols = [k for k in keys if k not in ("group",) and any(r.get(k) is not None for r in sub)]
+        lines += [f"**{group}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in sub:
+            lines.append("| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |")
+        lines.append("")
+    (RESULTS / "extensions.md").write_text("\n".join(lines))
+    plot(rows)
+    print("\n".join(lines))
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steer = [r for r in rows if r["variant"].startswith("steer")]
+    best = [r for r in rows if r["variant"].startswith("best-of")]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["compute_per_sample"] for r in steer], [r["alignment_acc"] for r in steer], "o-", label="steering")
+    for r in steer:
+        ax.annotate(r["variant"].split()[-1], (r["compute_per_sample"], r["alignment_acc"]), fontsize=7)
+    ax.plot([r["compute_per_sample"] for r in best], [r["alignment_acc"] for r in best], "s", label="best-of-N")
+    ax.set_xlabel("backbone compute per sample (forward equivalents)")
+    ax.set_ylabel("held-out alignment accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "extensions_steering.png", dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
