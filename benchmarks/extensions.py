@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
 
         # 1 + 2: value pretraining 0 / short / long; the 0 run is also the timestep-conditioned reference.
-        base = run(DIT, [*ac, "--trainer.enable_checkpointing=true"], args)
+        base = run(DIT, ac, args)
         record("value_pretraining", "0 iterations", base)
         for n in (pre_short, pre_long):
             head = RESULTS / "runs" / "extensions" / f"value_head_{n}_seed{seed}.safetensors"
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         record("reward_hacking", "brightness + alignment, one head on the sum",
                run(MULTI, [*ac, "--model.init_args.value_per_reward=false"], args))
         # 4: steering sweep and best-of-N on the trained policy (the value-pretraining-0 run).
-        ckpt = next(Path(base["log_dir"]).glob("checkpoints/*.ckpt"))
+        ckpt = Path(base["log_dir"]) / "checkpoints" / "last.ckpt"
         samples_per_prompt = 2 if args.quick else 25
         for scale in args.scales:
             rows.append(sample_row(seed, f"steer scale {scale:g}", ckpt, samples_per_prompt, args,

@@ -315,6 +315,22 @@ def _where(key: str, argv: list[str], value: str | None = None) -> str:
     return f" in {', '.join(configs)}" if len(configs) == 1 else ""
 
 
+def _missing_file_cause(err: BaseException) -> str | None:
+    """The message of a FileNotFoundError behind ``err`` (its cause chain, or its text), if there is one."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, FileNotFoundError):
+            return str(err)
+        text = str(err)
+        match = re.search(r"^\s*-?\s*(.*(?:weights not found|does not exist|No such file|is missing at).*)$", text,
+                          flags=re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def format_parser_error(message: str, valid_keys: list[str] | None = None,
                         argv: list[str] | None = None) -> str:
     """Turn a jsonargparse error message into one readable line naming the offending key.
@@ -461,6 +477,17 @@ class LitDiffacCLI(LightningCLI):
         kwargs.setdefault("parser_class", RecipeArgumentParser)
         super().__init__(args=self._argv, trainer_defaults=trainer_defaults, parser_kwargs=parser_kwargs,
                          **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Build the recipe's objects; a missing file (weights, pipeline, prompts) becomes one clear error line."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # noqa: BLE001 - re-raised unless a missing file explains it
+            cause = _missing_file_cause(err)
+            if cause is None:
+                raise
+            sys.stderr.write(f"error: {cause}\n")
+            raise SystemExit(2) from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``vars``: free recipe variables for ``${vars.name}`` interpolation (used by no class)."""

@@ -216,8 +216,14 @@ class LatentActorCritic(L.LightningModule):
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """``[B, R]`` raw rewards, one column per reward."""
-        return torch.stack([reward(images, prompts).to(self.device).float() for reward in self.rewards], dim=-1)
+        """``[B, R]`` raw rewards, one column per reward (each reward's time goes to ``perf/reward_time/<name>``)."""
+        columns = []
+        self._reward_times = {}
+        for reward in self.rewards:
+            start = time.perf_counter()
+            columns.append(reward(images, prompts).to(self.device).float())
+            self._reward_times[f"perf/reward_time/{reward.name}"] = time.perf_counter() - start
+        return torch.stack(columns, dim=-1)
 
     def forward_step(self, latents: torch.Tensor, step_index: torch.Tensor, embeds: PromptEmbeds,
                      next_latents: torch.Tensor, uncond: PromptEmbeds | None = None):
@@ -255,7 +261,7 @@ class LatentActorCritic(L.LightningModule):
             "perf/rollout_time": rollout_time, "perf/reward_time": reward_time,
             "perf/update_time": iteration_time - rollout_time - reward_time,
             "perf/iteration_time": iteration_time, "perf/samples_per_sec": samples / iteration_time,
-            "perf/samples_seen": float(self.samples_seen),
+            "perf/samples_seen": float(self.samples_seen), **self._reward_times,
         })
         self._log_metrics(metrics)
 
