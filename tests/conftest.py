@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The test models are tiny: one thread is faster than two here (less threading overhead) and deterministic.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -92,3 +92,9 @@ def test_cli_recipe_with_missing_weights_fails_with_the_message(my_rewards, tmp_
     line = capsys.readouterr().err.strip().splitlines()[-1]  # one line: which file, where to get it
     assert line.startswith("error: PickScore weights not found: folder '/models/PickScore_v1' does not exist")
     assert "https://huggingface.co/yuvalkirstain/PickScore_v1" in line
+
+
+def test_readme_shows_the_same_tested_example():
+    readme = (DOC.parent.parent / "README.md").read_text()
+    match = re.search(r"<!-- test: reward-example -->\n```\w+\n(.*?)```", readme, re.S)
+    assert match and match.group(1) == doc_block("reward-example")

@@ -36,3 +36,13 @@ def test_extensions_benchmark_quick_mode(tmp_path, monkeypatch):
     for group in ("value_pretraining", "timestep_conditioning", "reward_hacking", "steering"):
         assert f"**{group}**" in text
     assert (tmp_path / "extensions_steering.png").is_file()
+
+
+@pytest.mark.slow
+def test_critic_probe_tiny(tmp_path, monkeypatch):
+    import benchmarks.critic_probe as probe
+
+    monkeypatch.setattr(probe, "RESULTS", tmp_path)
+    assert probe.main(["--trajectories", "64", "--steps", "2", "--branches", "2"]) == 0
+    text = (tmp_path / "critic_probe.md").read_text()
+    assert "EV ceiling" in text and "fitted offline" in text
