@@ -59,7 +59,7 @@ def _steps(spec: Sequence[int] | str | None, num_steps: int) -> set[int]:
 def steered_sample(
     backbone: DiffusionBackbone,
     sampler: Sampler,
-    value_head: nn.Module,
+    value_head: nn.Module | None,
     prompts: Sequence[str],
     scale: float = 0.0,
     steps: Sequence[int] | str | None = None,
@@ -71,7 +71,7 @@ def steered_sample(
 
     Args:
         backbone, sampler: the policy and its sampler (set up).
-        value_head: the critic ``(features, t_frac, pooled) → [B, R]``.
+        value_head: the critic ``(features, t_frac, pooled) → [B, R]`` (``None``: plain sampling only).
         prompts: one prompt per sample.
         scale: steering strength ``s``.
         steps: which steps to steer (see :func:`_steps`; default all).
@@ -82,6 +82,8 @@ def steered_sample(
     device = next(backbone.denoiser.parameters()).device
     prompts = list(prompts)
     steered = _steps(steps, sampler.num_steps) if scale != 0 else set()
+    if steered and value_head is None:
+        raise ValueError("steering (scale != 0) needs a value head")
     embeds = backbone.encode_prompts(prompts).to(device)
     uncond = backbone.encode_prompts([""] * len(prompts)).to(device) if cfg_scale != 1.0 else None
     x = sampler.init_noise((len(prompts), *backbone.latent_shape), generator=generator, device=device)
@@ -107,8 +109,8 @@ def steered_sample(
             else:
                 with torch.no_grad():
                     prediction, features = denoise(backbone, x, t, embeds, cfg_scale, uncond)
-                    v = value_head(features, t_frac, embeds.pooled)
-            values = v.detach().float()
+                    v = value_head(features, t_frac, embeds.pooled) if value_head is not None else None
+            values = v.detach().float() if v is not None else None
             with torch.no_grad():
                 x = sampler.step(prediction, index, x.detach(), generator=generator).prev_sample
         images = backbone.decode(x)

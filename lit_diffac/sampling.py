@@ -73,7 +73,7 @@ def sample_main(argv: list[str]) -> int:
     prompts = load_prompts(args.prompts)
     prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]
     module = load_module(args.config, args.ckpt, overrides)
-    rewards = {r.name: r for r in module.rewards}
+    rewards = {r.name: r for r in [*module.rewards, *getattr(module, "eval_rewards", [])]}
     if args.best_of > 1 and args.rank_by != "value" and args.rank_by not in rewards:
         parser.error(f"--rank-by must be 'value' or one of {sorted(rewards)}")
     images, values, compute = [], [], 0.0

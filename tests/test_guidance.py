@@ -91,3 +91,11 @@ def test_step_selection():
         _steps("middle", 4)
     with pytest.raises(ValueError, match="outside"):
         _steps([5], 4)
+
+
+def test_plain_sampling_without_a_critic(dit_backbone):
+    sampler = default_sampler(dit_backbone)
+    out = steered_sample(dit_backbone, sampler, None, PROMPTS, generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (3, 3, 16, 16) and out.values is None
+    with pytest.raises(ValueError, match="needs a value head"):
+        steered_sample(dit_backbone, sampler, None, PROMPTS, scale=1.0)

@@ -418,7 +418,7 @@ class LatentActorCritic(L.LightningModule):
     def write_summary(self, path: Path) -> Path:
         """Base and final held-out metrics, final explained variance, samples seen and wall time."""
         base = next((e for e in self.eval_history if e["label"] == "base"), None)
-        final = self.eval_history[-1]
+        final = self.eval_history[-1] if self.eval_history else {}
         recent = {k: sum(m[k] for m in self._recent if k in m) / sum(k in m for m in self._recent)
                   for k in {k for m in self._recent for k in m}}
         summary = {

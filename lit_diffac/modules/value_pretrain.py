@@ -60,7 +60,3 @@ class ValuePretraining(LatentActorCritic):
             self.print(f"saved value head to {Path(path).resolve()}")
             if self.logger is not None and self.trainer.log_dir is not None:
                 self.write_summary(Path(self.trainer.log_dir) / "summary.json")
-
-    def write_summary(self, path: Path) -> Path:
-        self.eval_history = self.eval_history or [{"label": "none"}]
-        return super().write_summary(path)
