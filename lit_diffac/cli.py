@@ -41,17 +41,16 @@ Commands that are not Lightning entry points (sampling, exporting, ...) register
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
-import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_diffac.cli_errors import closest, config_paths, format_parser_error, missing_file_cause
 
 __all__ = [
     "DEFAULT_RUN_NAME",
@@ -117,289 +116,6 @@ def tensorboard_logger(name: str = DEFAULT_RUN_NAME, save_dir: str = "runs") -> 
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": save_dir, "name": name},
     }
-
-
-# --------------------------------------------------------------------------------------------------------
-# Readable recipe errors
-# --------------------------------------------------------------------------------------------------------
-
-_NOISE = re.compile(r"^(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Given value )")
-_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":$')
-_CLASS = re.compile(r"^Problem with given class_path '(?P<cls>[^']+)':$")
-_UNKNOWN_OPTION = re.compile(r"^Option '(?P<key>[^']+)' is not accepted$")
-_UNKNOWN_SUB = re.compile(r"^(?:Subcommand '[^']+'|Group '[^']+') does not accept option '(?P<key>[^']+)'$")
-_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.+)$")
-_EXPECTED = re.compile(r"^Expected an? (?P<type>.+?)(?:\. Got value: (?P<value>.*))?$")
-_REQUIRED = re.compile(r"^the following arguments are required: (?P<keys>.+)$")
-_NO_ATTRIBUTE = re.compile(r"^module '(?P<module>[^']+)' has no attribute '(?P<attr>[^']+)'$")
-_NO_MODULE = re.compile(r"^No module named '(?P<module>[^']+)'")
-
-
-def _clean_type(text: str) -> str:
-    """``<class 'float'>`` -> ``float``; ``typing.Literal['a', 'b']`` -> ``Literal['a', 'b']``."""
-    text = re.sub(r"<class '(?:builtins\.)?([^']+)'>", r"\1", text)
-    return text.replace("typing.", "")
-
-
-def _closest(word: str, candidates: list[str]) -> str | None:
-    matches = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def _strip_init_args(key: str) -> str:
-    return ".".join(part for part in key.split(".") if part not in ("init_args", "dict_kwargs"))
-
-
-def _class_parameters(class_path: str) -> list[str]:
-    """Names of the ``__init__`` arguments of ``class_path`` (as jsonargparse resolves them)."""
-    try:
-        module_name, _, attr = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), attr)
-    except Exception:  # noqa: BLE001 - only for suggestions
-        return []
-    try:
-        from jsonargparse import ArgumentParser
-
-        probe = ArgumentParser(exit_on_error=False)
-        probe.add_class_arguments(cls, fail_untyped=False)
-        names = {a.dest.split(".")[0] for a in probe._actions if a.dest not in ("help", "config")}
-        if names:
-            return sorted(names)
-    except Exception:  # noqa: BLE001 - fall back to the plain signature
-        pass
-    try:
-        params = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
-def _suggest_key(key: str, valid_keys: list[str]) -> str | None:
-    """Closest valid dotted key to an unknown ``key``, repairing its first unknown component."""
-    parts = key.split(".")
-    for depth in range(len(parts)):
-        prefix = parts[:depth]
-        children = [k.split(".")[depth] for k in valid_keys
-                    if k.split(".")[:depth] == prefix and len(k.split(".")) > depth]
-        if parts[depth] in children:
-            continue
-        match = _closest(parts[depth], children)
-        if match is None:
-            return None
-        repaired = ".".join(prefix + [match] + parts[depth + 1:])
-        # Only suggest keys that exist as a whole (or a parent of the rest, e.g. a subclass key).
-        if any(repaired == k or repaired.startswith(k + ".") for k in valid_keys):
-            return repaired
-        return ".".join(prefix + [match])
-    return None
-
-
-class _Leaf:
-    """The innermost meaningful line of a jsonargparse error, with its location."""
-
-    def __init__(self, kind: str, key: str, classes: list[str], match: re.Match, value: str | None,
-                 types: list[str] | None = None) -> None:
-        self.kind, self.key, self.classes, self.match, self.value = kind, key, classes, match, value
-        self.types = types or []  # for a union: every non-None alternative's expected type
-
-
-def _walk_message(message: str) -> _Leaf | None:
-    """Find the first real error in jsonargparse's nested union message, with the dotted key leading to it.
-
-    The message nests ``Parser key "k":`` and ``Problem with given class_path 'C':`` blocks (by
-    indentation), lists union alternatives as ``- ...`` (we skip the ``NoneType`` ones) and ends blocks with
-    ``Given value: ...``.  The key is built as ``k.init_args.k2.init_args.leaf``.
-    """
-    lines = message.splitlines()
-    stack: list[tuple[int, str, str]] = []  # (indent, "key" | "class", text)
-    for i, raw in enumerate(lines):
-        stripped = raw.lstrip()
-        indent = len(raw) - len(stripped)
-        if stripped.startswith("- "):
-            stripped, indent = stripped[2:], indent + 2
-        if not stripped or _NOISE.match(stripped) or stripped.startswith("Given value: "):
-            continue
-        if stripped.startswith("Expected a <class 'NoneType'>"):
-            continue
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        if m := _KEY.match(stripped):
-            stack.append((indent, "key", m["key"]))
-            continue
-        if m := _CLASS.match(stripped):
-            stack.append((indent, "class", m["cls"]))
-            continue
-        parts: list[str] = []
-        classes: list[str] = []
-        for _, kind, text in stack:
-            if kind == "key":
-                parts.append(text)
-            else:
-                classes.append(text)
-                parts.append("init_args")
-        # The value of a union block is reported after its alternatives, at a smaller indentation.
-        value = None
-        for later in lines[i + 1:]:
-            s = later.lstrip()
-            if s.startswith("Given value: ") and len(later) - len(s) < indent:
-                value = s[len("Given value: "):]
-                break
-        for kind, pattern in (("unknown", _UNKNOWN_OPTION), ("unknown", _UNKNOWN_SUB), ("type", _EXPECTED),
-                              ("required", _REQUIRED), ("attribute", _NO_ATTRIBUTE), ("module", _NO_MODULE),
-                              ("unrecognized", _UNRECOGNIZED)):
-            if m := pattern.match(stripped):
-                if kind in ("attribute", "module") and parts and parts[-1] == "init_args":
-                    parts.pop()  # the class itself failed to import: the key is the one holding it
-                types = [m["type"]] if kind == "type" else []
-                if kind == "type" and raw.lstrip().startswith("- "):  # a union: gather its alternatives
-                    for later in lines[i + 1:]:
-                        s = later.lstrip()
-                        if len(later) - len(s) != len(raw) - len(raw.lstrip()) or not s.startswith("- "):
-                            break
-                        alt = _EXPECTED.match(s[2:])
-                        if alt and "NoneType" not in alt["type"]:
-                            types.append(alt["type"])
-                return _Leaf(kind, ".".join(parts), classes, m, value, types)
-        whole = re.match(r".*", stripped)
-        assert whole is not None
-        return _Leaf("other", ".".join(parts), classes, whole, value)
-    return None
-
-
-def _config_paths(argv: list[str]) -> list[str]:
-    """The ``--config``/``-c`` files of a command line, in order."""
-    configs = []
-    for i, arg in enumerate(argv):
-        if arg in ("-c", "--config") and i + 1 < len(argv):
-            configs.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            configs.append(arg.split("=", 1)[1])
-    return configs
-
-
-def _where(key: str, argv: list[str], value: str | None = None) -> str:
-    """`` in recipe.yaml`` / `` in override --k=v`` / ``""``: where ``key`` was given, if we can tell.
-
-    ``value`` is the offending value when known: an override of ``key`` with another value is not the
-    culprit (the bad value then comes from the recipe).
-    """
-    plain = _strip_init_args(key)
-    configs = _config_paths(argv)
-    for i, arg in enumerate(argv):
-        if not arg.startswith("--") or arg.startswith("--config"):
-            continue
-        name, has_value, given_value = arg[2:].partition("=")
-        shown = arg
-        if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            given_value, shown = argv[i + 1], f"{arg} {argv[i + 1]}"
-        given = _strip_init_args(name)
-        if given == plain or plain.startswith(given + ".") or given.startswith(plain + "."):
-            if value is not None and given == plain and given_value != value:
-                continue
-            return f" in override {shown}"
-    for path in configs:
-        try:
-            node: Any = yaml.safe_load(Path(path).read_text())
-        except Exception:  # noqa: BLE001 - only for the location hint
-            continue
-        found = True
-        for part in plain.split("."):
-            while isinstance(node, dict) and part not in node and "init_args" in node:
-                node = node["init_args"]
-            if not isinstance(node, dict) or part not in node:
-                found = False
-                break
-            node = node[part]
-        if found:
-            return f" in {path}"
-    return f" in {', '.join(configs)}" if len(configs) == 1 else ""
-
-
-def _missing_file_cause(err: BaseException) -> str | None:
-    """The message of a FileNotFoundError behind ``err`` (its cause chain, or its text), if there is one."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, FileNotFoundError):
-            return str(err)
-        text = str(err)
-        match = re.search(r"^\s*-?\s*(.*(?:weights not found|does not exist|No such file|is missing at).*)$", text,
-                          flags=re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def format_parser_error(message: str, valid_keys: list[str] | None = None,
-                        argv: list[str] | None = None) -> str:
-    """Turn a jsonargparse error message into one readable line naming the offending key.
-
-    Args:
-        message: the message jsonargparse passed to ``ArgumentParser.error``.
-        valid_keys: dotted keys the (sub)command accepts (``trainer.max_steps``, ``model``, ...), for
-            "did you mean" suggestions outside class ``init_args``.
-        argv: the command line, to tell recipe keys from overrides.
-
-    Returns:
-        e.g. ``unknown key 'model.init_args.lrr' in recipe.yaml (did you mean 'model.init_args.lr'?)`` or
-        ``invalid value for 'trainer.max_steps' in override --trainer.max_steps=abc: expected int, got
-        'abc'``; the original message when it has no recognisable structure.
-    """
-    valid_keys = valid_keys or []
-    argv = argv or []
-    leaf = _walk_message(message)
-    if leaf is None:
-        return message
-    m = leaf.match
-    if leaf.kind == "unrecognized":
-        keys = [a[2:].split("=", 1)[0] for a in m["args"].split() if a.startswith("--")]
-        if not keys:
-            return message
-        key = keys[0]
-        hint = _suggest_key(key, valid_keys)
-        tail = f" (did you mean '{hint}'?)" if hint else ""
-        return f"unknown key '{key}' in override {m['args']}{tail}"
-    if leaf.kind == "unknown":
-        key = f"{leaf.key}.{m['key']}" if leaf.key else m["key"]
-        if leaf.classes:
-            hint = _closest(m["key"].split(".")[0], _class_parameters(leaf.classes[-1]))
-            suggestion = f"{leaf.key}.{hint}" if hint else None
-        else:
-            suggestion = _suggest_key(key, valid_keys)
-        tail = f" (did you mean '{suggestion}'?)" if suggestion else ""
-        return f"unknown key '{key}'{_where(key, argv)}{tail}"
-    if leaf.kind == "type":
-        value = m["value"] if m["value"] is not None else leaf.value
-        got = f", got {value!r}" if value is not None else ""
-        expected = " or ".join(dict.fromkeys(_clean_type(t) for t in leaf.types))
-        return f"invalid value for '{leaf.key}'{_where(leaf.key, argv, value)}: expected {expected}{got}"
-    if leaf.kind == "required":
-        keys = [k.strip().removeprefix(f"{argv[0]}.") if argv else k.strip() for k in m["keys"].split(",")]
-        full = [f"{leaf.key}.{k}" if leaf.key else k for k in keys]
-        listed = ", ".join(f"'{k}'" for k in full)
-        extra = ""
-        if full == ["model"]:
-            extra = " (a recipe needs `model: {class_path: ..., init_args: {...}}`)"
-        return f"missing required key {listed}{_where(full[0], argv)}{extra}"
-    if leaf.kind == "attribute":
-        class_path = leaf.classes[-1] if leaf.classes else f"{m['module']}.{m['attr']}"
-        hint = None
-        try:
-            hint = _closest(m["attr"], [n for n in dir(importlib.import_module(m["module"]))
-                                        if not n.startswith("_")])
-        except Exception:  # noqa: BLE001 - only for suggestions
-            pass
-        tail = f" (did you mean '{m['module']}.{hint}'?)" if hint else ""
-        return (f"cannot import class_path '{class_path}' for '{leaf.key}'{_where(leaf.key, argv)}: "
-                f"module '{m['module']}' has no attribute '{m['attr']}'{tail}")
-    if leaf.kind == "module":
-        class_path = leaf.classes[-1] if leaf.classes else m["module"]
-        return (f"cannot import class_path '{class_path}' for '{leaf.key}'{_where(leaf.key, argv)}: "
-                f"no module named '{m['module']}'")
-    if leaf.key:
-        return f"invalid value for '{leaf.key}'{_where(leaf.key, argv)}: {m.group(0)}"
-    return message
 
 
 class RecipeArgumentParser(LightningArgumentParser):
@@ -483,7 +199,7 @@ class LitDiffacCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:  # noqa: BLE001 - re-raised unless a missing file explains it
-            cause = _missing_file_cause(err)
+            cause = missing_file_cause(err)
             if cause is None:
                 raise
             sys.stderr.write(f"error: {cause}\n")
@@ -533,7 +249,7 @@ class LitDiffacCLI(LightningCLI):
                 raise
             key = getattr(err, "full_key", None)
             where = f" for '{key}'" if key else ""
-            configs = _config_paths(self._argv)
+            configs = config_paths(self._argv)
             where += f" in {', '.join(configs)}" if configs else ""
             reason = str(getattr(err, "msg", err)).splitlines()[0]
             parser.error(f"cannot resolve an interpolation{where}: {reason}")
@@ -589,7 +305,7 @@ def run_help() -> str:
 
 
 def _config_stem(argv: list[str]) -> str | None:
-    configs = _config_paths(argv)
+    configs = config_paths(argv)
     return Path(configs[0]).stem if configs else None
 
 
@@ -630,7 +346,7 @@ def main(args: list[str] | None = None) -> int:
         return 0
     known = ["run", *LIGHTNING_COMMANDS, *EXTRA_COMMANDS]
     if not command.startswith("-") and command not in known:
-        hint = _closest(command, known)
+        hint = closest(command, known)
         tail = f" (did you mean '{hint}'?)" if hint else ""
         sys.stderr.write(f"tip: list the commands with: {PROG} --help\n"
                          f"error: unknown command '{command}'{tail}\n")
