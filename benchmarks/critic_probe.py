@@ -69,7 +69,10 @@ def offline_fit(module, prompts: list[str], trajectories: int, steps: int, gener
             data.append(([f[:, k] for f in rollout.features], t, embeds.pooled, reward, k))
     rewards = torch.cat([d[3] for d in data])
     mean, std = rewards.mean(), rewards.std()
-    n_train = int(0.75 * len(data)) // sampler.num_steps * sampler.num_steps
+    batches = len(data) // sampler.num_steps
+    if batches < 2:
+        raise ValueError("the offline fit needs at least 128 trajectories (two batches of 64)")
+    n_train = max(1, int(0.75 * batches)) * sampler.num_steps  # whole batches: held-out trajectories are unseen
     hp = module.hparams
     optimizer = torch.optim.AdamW(head.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
                                   weight_decay=hp.weight_decay)

@@ -43,6 +43,6 @@ def test_critic_probe_tiny(tmp_path, monkeypatch):
     import benchmarks.critic_probe as probe
 
     monkeypatch.setattr(probe, "RESULTS", tmp_path)
-    assert probe.main(["--trajectories", "64", "--steps", "2", "--branches", "2"]) == 0
+    assert probe.main(["--trajectories", "128", "--steps", "2", "--branches", "2"]) == 0
     text = (tmp_path / "critic_probe.md").read_text()
     assert "EV ceiling" in text and "fitted offline" in text
