@@ -59,12 +59,16 @@ class LatentActorCritic(L.LightningModule):
         eval_rewards: extra rewards measured in evaluation only (e.g. the alignment judge while training on
             a hackable reward).
         batch_size: trajectories per iteration per process.
+        samples_per_prompt: trajectories per prompt (``G``; GRPO's group size; ``batch_size`` must be a multiple).
         minibatch_size: (sample, step) pairs per PPO minibatch.
         num_inner_epochs: passes over the iteration's data.
         timestep_fraction: fraction of each trajectory's steps trained on (a random subset per sample).
         clip_range: PPO ratio clip ε (per-dimension-mean log-probs make it tiny: paper 1e-5 SD1.5, 1e-4 SD3.5).
         value_clip_range: clip of ``V`` around ``V_old`` in the value loss (``None``: unclipped).
         value_loss_coef: weight of the value loss (it has its own optimiser; this scales its gradient).
+        kl_coef: weight β of the per-step KL to the reference policy, ``‖μ_θ − μ_ref‖² / (2σ²)`` (Flow-GRPO form);
+            the reference is the base model, computed by disabling the LoRA adapter (no weight copy), so it
+            needs ``lora_rank > 0``.
         critic_epochs: extra value-only passes per iteration over the rollout's cached features (no extra
             backbone pass; needs ``value_gradient="detached"``).  0 is the paper's setting; a small critic
             on a short budget learns to read ``x_t`` much sooner with a few.
@@ -101,12 +105,14 @@ class LatentActorCritic(L.LightningModule):
         eval_prompts: PromptSource = "toy:heldout",
         eval_rewards: Sequence[Reward] = (),
         batch_size: int = 32,
+        samples_per_prompt: int = 1,
         minibatch_size: int = 64,
         num_inner_epochs: int = 1,
         timestep_fraction: float = 1.0,
         clip_range: float = 1e-4,
         value_clip_range: float | None = None,
         value_loss_coef: float = 1.0,
+        kl_coef: float = 0.0,
         critic_epochs: int = 0,
         actor_lr: float = 1e-4,
         critic_lr: float = 1e-3,
@@ -130,7 +136,11 @@ class LatentActorCritic(L.LightningModule):
         _check_config(batch_size=batch_size, minibatch_size=minibatch_size, num_inner_epochs=num_inner_epochs,
                       timestep_fraction=timestep_fraction, clip_range=clip_range, cfg_scale=cfg_scale,
                       critic_epochs=critic_epochs, value_gradient=value_gradient,
-                      value_warmup_iters=value_warmup_iters)
+                      value_warmup_iters=value_warmup_iters, samples_per_prompt=samples_per_prompt,
+                      kl_coef=kl_coef)
+        if kl_coef and not getattr(backbone, "lora_rank", 0) and not _has_adapter(backbone.denoiser):
+            raise ValueError("kl_coef > 0 needs a LoRA policy (lora_rank > 0): the reference policy is the base "
+                             "model with the adapter disabled, so no copy of the weights is kept")
         self.automatic_optimization = False
         self.backbone = backbone
         self.rewards = nn.ModuleList([rewards] if isinstance(rewards, Reward) else list(rewards))
@@ -210,9 +220,11 @@ class LatentActorCritic(L.LightningModule):
 
     # ------------------------------------------------------------------ rollout and scoring
     def sample_prompts(self, generator: torch.Generator) -> list[str]:
-        idx = torch.randint(len(self.train_prompt_list), (self.hparams.batch_size,), generator=generator,
+        """``batch_size`` prompts: ``batch_size / samples_per_prompt`` draws, each repeated (a group)."""
+        group = self.hparams.samples_per_prompt
+        idx = torch.randint(len(self.train_prompt_list), (self.hparams.batch_size // group,), generator=generator,
                             device=generator.device)
-        return [self.train_prompt_list[i] for i in idx.tolist()]
+        return [self.train_prompt_list[i] for i in idx.tolist() for _ in range(group)]
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -233,12 +245,28 @@ class LatentActorCritic(L.LightningModule):
         backbone_grad = self.trains_actor() or self.hparams.value_gradient == "shared"
         with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_grad):
             prediction, features = denoise(self.backbone, latents, t, embeds, self.hparams.cfg_scale, uncond)
-            log_prob = self.sampler.step(prediction, step_index, latents, prev_sample=next_latents).log_prob
+            step = self.sampler.step(prediction, step_index, latents, prev_sample=next_latents)
+            log_prob = step.log_prob
+        self._last_kl = self._kl_to_reference(step, latents, step_index, t, embeds, next_latents, uncond) \
+            if self.hparams.kl_coef else None
         values = None
         if self.value_head is not None:
             values = self.value_head(features, self.sampler.timestep_fraction(step_index).to(self.device),
                                      embeds.pooled)
         return log_prob, values
+
+    def _kl_to_reference(self, step, latents, step_index, t, embeds, next_latents, uncond) -> torch.Tensor:
+        """``[M]`` per-step KL to the base model: ``mean_dims (μ_θ − μ_ref)² / (2σ²)`` (adapter disabled)."""
+        denoiser = self.backbone.denoiser
+        with torch.no_grad():
+            denoiser.disable_adapters()
+            try:
+                ref_prediction, _ = denoise(self.backbone, latents, t, embeds, self.hparams.cfg_scale, uncond)
+            finally:
+                denoiser.enable_adapters()
+            ref_mean = self.sampler.step(ref_prediction, step_index, latents, prev_sample=next_latents).mean
+        var = step.std.view(-1, *([1] * (step.mean.ndim - 1))) ** 2
+        return ((step.mean - ref_mean) ** 2 / (2 * var)).flatten(1).mean(1)
 
     # ------------------------------------------------------------------ the RL iteration
     def training_step(self, batch, batch_idx: int) -> None:
@@ -303,6 +331,9 @@ class LatentActorCritic(L.LightningModule):
                                                      mb_uncond)
                 policy = ppo_policy_loss(log_prob, rollout.log_probs[i, k], est.advantages[i, k], hp.clip_range)
                 loss = policy.loss if train_actor else torch.zeros((), device=self.device)
+                if self._last_kl is not None:
+                    loss = loss + hp.kl_coef * self._last_kl.mean()
+                    sums.setdefault("train/kl_to_reference", []).append(float(self._last_kl.mean().detach()))
                 diag = {"train/policy_loss": policy.loss, "train/approx_kl": policy.approx_kl,
                         "train/clipfrac": policy.clipfrac, "train/ratio_mean": policy.ratio_mean,
                         "train/ratio_min": policy.ratio_min, "train/ratio_max": policy.ratio_max}
@@ -445,6 +476,10 @@ def _default_sampler(backbone: DiffusionBackbone) -> Sampler:
     return DDIMSampler(num_steps=10, eta=1.0) if backbone.sampler_family == "ddim" else FlowSDESampler(num_steps=10)
 
 
+def _has_adapter(module: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in module.named_parameters())
+
+
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
     """Clip gradients in place (if ``max_norm``) and return the total norm before clipping."""
     params = [p for p in params if p.grad is not None]
@@ -478,6 +513,11 @@ def _check_config(**kw) -> None:
         problems.append(f"timestep_fraction must be in (0, 1] (got {kw['timestep_fraction']})")
     if not kw["clip_range"] > 0:
         problems.append(f"clip_range must be > 0 (got {kw['clip_range']})")
+    if kw["samples_per_prompt"] < 1 or kw["batch_size"] % kw["samples_per_prompt"]:
+        problems.append(f"batch_size ({kw['batch_size']}) must be a multiple of samples_per_prompt "
+                        f"({kw['samples_per_prompt']})")
+    if kw["kl_coef"] < 0:
+        problems.append(f"kl_coef must be >= 0 (got {kw['kl_coef']})")
     if kw["value_warmup_iters"] < 0:
         problems.append(f"value_warmup_iters must be >= 0 (got {kw['value_warmup_iters']})")
     if kw["critic_epochs"] < 0:
