@@ -46,3 +46,11 @@ def test_critic_probe_tiny(tmp_path, monkeypatch):
     assert probe.main(["--trajectories", "128", "--steps", "2", "--branches", "2"]) == 0
     text = (tmp_path / "critic_probe.md").read_text()
     assert "EV ceiling" in text and "fitted offline" in text
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_quick(capsys):
+    import benchmarks.overhead as overhead
+
+    assert overhead.main(["--quick"]) == 0
+    assert "update with / without critic" in capsys.readouterr().out

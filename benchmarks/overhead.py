@@ -1,0 +1,123 @@
+"""Cost of the critic: update time with vs without it, rollout time vs a plain denoising loop, peak memory.
+
+    python -m benchmarks.overhead [--iterations 10] [--threads 2] [--quick]
+
+Each configuration runs in its own process (so peak memory is its own) on the toy DiT recipe's settings:
+
+* ``critic``: :class:`~lit_diffac.modules.LatentActorCritic` (critic GAE; one backbone pass gives log-prob and value);
+* ``no critic``: the same module and settings with the GRPO estimator (no value head, same minibatches).
+
+Reported per configuration: mean update time and rollout time per iteration, and the process's peak RSS
+(``torch.cuda.max_memory_allocated`` when on a GPU).  The rollout is also compared with a plain loop of the
+same 10 steps that calls the transformer and ``diffusers.FlowMatchEulerDiscreteScheduler.step`` (what a
+diffusers pipeline's denoising loop does, without log-probs or values).  Writes
+``benchmarks/results/overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def measure(config: str, iterations: int, batch_size: int) -> dict:
+    import lightning as L
+    import torch
+
+    from lit_diffac.backbones import DiTBackbone
+    from lit_diffac.estimators import GroupRelative
+    from lit_diffac.modules import LatentActorCritic
+    from lit_diffac.rewards import DigitAlignment
+
+    L.seed_everything(0)
+    backbone = DiTBackbone("toy-dit", feature_taps=[0, 1, 2, 3])
+    extra = {"estimator": GroupRelative(), "samples_per_prompt": 2} if config == "no critic" else {}
+    module = LatentActorCritic(backbone=backbone, rewards=[DigitAlignment()], batch_size=batch_size, minibatch_size=64,
+                               clip_range=1e-3, eval_prompts=["the digit 1"], eval_samples_per_prompt=1, **extra)
+    times = []
+
+    class Record(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            times.append({k: pl_module.last_metrics[k] for k in ("perf/update_time", "perf/rollout_time")})
+
+    L.Trainer(max_epochs=iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="auto", callbacks=[Record()]).fit(module)
+    kept = times[1:] or times  # the first iteration includes one-off warm-up
+    out = {k: sum(t[k] for t in kept) / len(kept) for k in kept[0]}
+    # A plain diffusers denoising loop with the same steps (no log-probs, no values).
+    scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
+    prompts = module.sample_prompts(torch.Generator().manual_seed(0))
+    embeds = backbone.encode_prompts(prompts)
+    plain = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.no_grad():
+            scheduler.set_timesteps(module.sampler.num_steps)
+            x = torch.randn(len(prompts), *backbone.latent_shape, generator=torch.Generator().manual_seed(0))
+            for t in scheduler.timesteps:
+                v = backbone.denoiser(hidden_states=x, encoder_hidden_states=embeds.hidden,
+                                      pooled_projections=embeds.pooled, timestep=t.expand(len(prompts))).sample
+                x = scheduler.step(v, t, x).prev_sample
+            backbone.decode(x)
+        plain.append(time.perf_counter() - start)
+    out["plain_loop_time"] = sorted(plain)[1]
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        out["cuda_max_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="2 iterations of 4 samples (checks the pipeline)")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    iterations, batch = (2, 4) if args.quick else (args.iterations, args.batch_size)
+    if args.measure:
+        print(json.dumps(measure(args.measure, iterations, batch)))
+        return 0
+    rows = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for config in ("critic", "no critic"):
+        cmd = [sys.executable, "-m", "benchmarks.overhead", "--measure", config, "--iterations", str(iterations),
+               "--batch-size", str(batch)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-3000:])
+        rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
+    c, n = rows["critic"], rows["no critic"]
+    ratios = {"update_with_over_without_critic": c["perf/update_time"] / n["perf/update_time"],
+              "rollout_with_logprob_value_over_plain_loop": c["perf/rollout_time"] / c["plain_loop_time"]}
+    command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"`{command}` — {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}, "
+             f"OMP_NUM_THREADS={args.threads}, batch {batch}, {iterations} iterations (first one dropped)", "",
+             "| configuration | update time (s) | rollout time (s) | plain loop (s) | peak RSS (MB) |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['perf/update_time']:.3f} | {r['perf/rollout_time']:.3f} | "
+                     f"{r['plain_loop_time']:.3f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", f"update with / without critic: **{ratios['update_with_over_without_critic']:.2f}×**; "
+              f"rollout with log-probs + values / plain loop: "
+              f"**{ratios['rollout_with_logprob_value_over_plain_loop']:.2f}×**"]
+    if not args.quick:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "overhead.json").write_text(json.dumps({"command": command, "rows": rows, **ratios}, indent=2))
+        (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
