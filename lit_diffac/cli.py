@@ -300,7 +300,9 @@ def run_help() -> str:
         f"usage: {PROG} run RECIPE.yaml [--key=value ...]\n\n"
         f"Train from a recipe. '{PROG} run RECIPE.yaml [overrides]' is '{PROG} fit --config RECIPE.yaml\n"
         "[overrides]'; overrides are dotted keys, e.g. --trainer.max_steps=3 --model.init_args.lr=1e-3.\n"
-        "TensorBoard logs go to runs/<RECIPE stem>/version_<n>. The options of 'fit' follow.\n\n"
+        "TensorBoard logs go to runs/<RECIPE stem>/version_<n>. A module's own options (what goes under\n"
+        f"model.init_args): '{PROG} fit --model.help lit_diffac.modules.LatentActorCritic'. The options of\n"
+        "'fit' follow.\n\n"
     )
 
 
