@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
 from lit_diffac.data.prompts import PromptSource, load_prompts
-from lit_diffac.evaluation import evaluate
+from lit_diffac.evaluation import default_sampler, evaluate
 from lit_diffac.estimators import AdvantageEstimator, CriticGAE
 from lit_diffac.losses import explained_variance, ppo_policy_loss, value_loss
 from lit_diffac.normalization import RewardNormalizer
@@ -153,7 +153,7 @@ class LatentActorCritic(L.LightningModule):
         if len(weights) != len(names):
             raise ValueError(f"{len(weights)} reward_weights for {len(names)} rewards {names}")
         self.register_buffer("reward_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
-        self.sampler = sampler if sampler is not None else _default_sampler(backbone)
+        self.sampler = sampler if sampler is not None else default_sampler(backbone)
         self.sampler.setup(backbone.scheduler)
         self.estimator = estimator if estimator is not None else CriticGAE()
         self.num_values = self._num_value_outputs()
@@ -468,12 +468,6 @@ class LatentActorCritic(L.LightningModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2))
         return path
-
-
-def _default_sampler(backbone: DiffusionBackbone) -> Sampler:
-    from lit_diffac.samplers import DDIMSampler, FlowSDESampler
-
-    return DDIMSampler(num_steps=10, eta=1.0) if backbone.sampler_family == "ddim" else FlowSDESampler(num_steps=10)
 
 
 def _has_adapter(module: nn.Module) -> bool:

@@ -9,6 +9,7 @@ help and much longer pretraining hurts.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -48,8 +49,6 @@ class ValuePretraining(LatentActorCritic):
         return None, self.optimizers()
 
     def on_fit_start(self) -> None:  # the policy does not change: no held-out evaluation needed
-        import time
-
         self._fit_started = time.perf_counter()
         self.sampler.to(self.device)
 

@@ -337,6 +337,16 @@ def clip_text_embeds(model: nn.Module, tokenizer: Any, prompts: list[str], devic
     return model.text_projection(out.pooler_output)
 
 
+def clip_cosine(model: nn.Module, tokenizer: Any, preprocess: nn.Module, images: Tensor, prompts: list[str],
+                dtype: torch.dtype, max_length: int = 77) -> Tensor:
+    """``[B]`` fp32 cosine similarity of the CLIP image embedding of ``images`` (preprocessed) and the text
+    embedding of ``prompts`` — the core of CLIP score, PickScore and HPSv2."""
+    pixels = preprocess(images).to(dtype)
+    image = _normalize(clip_image_embeds(model, pixels).float())
+    text = _normalize(clip_text_embeds(model, tokenizer, prompts, images.device, max_length=max_length).float())
+    return (image * text).sum(-1)
+
+
 def _clip_get(hub_id: str, extra: str = "") -> str:
     return (f"Download the 'transformers' folder of '{hub_id}' (https://huggingface.co/{hub_id}: config.json, "
             f"model.safetensors, the tokenizer files) and pass that folder{extra}.")
@@ -388,9 +398,7 @@ class CLIPScore(Reward):
 
     def score(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
         self.to(images.device)
-        pixels = self.preprocess(images).to(self.dtype)
-        cos = (_normalize(clip_image_embeds(self.model, pixels).float())
-               * _normalize(clip_text_embeds(self.model, self.tokenizer, prompts, images.device).float())).sum(-1)
+        cos = clip_cosine(self.model, self.tokenizer, self.preprocess, images, prompts, self.dtype)
         return 100.0 * cos.clamp(min=0) if self.convention == "torchmetrics" else cos
 
     def extra_repr(self) -> str:
@@ -442,10 +450,8 @@ class PickScore(Reward):
 
     def score(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
         self.to(images.device)
-        pixels = self.preprocess(images).to(self.dtype)
-        image = _normalize(clip_image_embeds(self.model, pixels).float())
-        text = _normalize(clip_text_embeds(self.model, self.tokenizer, prompts, images.device).float())
-        return self.model.logit_scale.float().exp() * (image * text).sum(-1)
+        cos = clip_cosine(self.model, self.tokenizer, self.preprocess, images, prompts, self.dtype)
+        return self.model.logit_scale.float().exp() * cos
 
 
 # --------------------------------------------------------------------------------------------- aesthetic

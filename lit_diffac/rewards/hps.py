@@ -21,10 +21,8 @@ from lit_diffac.rewards.clip import (
     OPENAI_CLIP_STD,
     ClipImagePreprocess,
     _load_clip,
-    _normalize,
     check_weights,
-    clip_image_embeds,
-    clip_text_embeds,
+    clip_cosine,
     load_tokenizer,
     parse_dtype,
 )
@@ -76,11 +74,8 @@ class HPSv2(Reward):
 
     def score(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
         self.to(images.device)
-        pixels = self.preprocess(images).to(self.dtype)
-        image = _normalize(clip_image_embeds(self.model, pixels).float())
-        text = _normalize(clip_text_embeds(self.model, self.tokenizer, prompts, images.device,
-                                           max_length=self.model.config.text_config.max_position_embeddings).float())
-        return (image * text).sum(-1)
+        return clip_cosine(self.model, self.tokenizer, self.preprocess, images, prompts, self.dtype,
+                           max_length=self.model.config.text_config.max_position_embeddings)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dtype={str(self.dtype).removeprefix('torch.')}"
