@@ -29,7 +29,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measure(config: str, iterations: int, batch_size: int) -> dict:
+def measure(config: str, iterations: int, batch_size: int, accelerator: str = "cpu") -> dict:
     import lightning as L
     import torch
 
@@ -50,24 +50,30 @@ def measure(config: str, iterations: int, batch_size: int) -> dict:
             times.append({k: pl_module.last_metrics[k] for k in ("perf/update_time", "perf/rollout_time")})
 
     L.Trainer(max_epochs=iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator="auto", callbacks=[Record()]).fit(module)
+              enable_model_summary=False, accelerator=accelerator, devices=1, callbacks=[Record()]).fit(module)
     kept = times[1:] or times  # the first iteration includes one-off warm-up
     out = {k: sum(t[k] for t in kept) / len(kept) for k in kept[0]}
     # A plain diffusers denoising loop with the same steps (no log-probs, no values).
+    # On the same device as the fit (Lightning moves the module back to the CPU at teardown).
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    backbone.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
     prompts = module.sample_prompts(torch.Generator().manual_seed(0))
     embeds = backbone.encode_prompts(prompts)
     plain = []
     for _ in range(3):
+        sync()
         start = time.perf_counter()
         with torch.no_grad():
-            scheduler.set_timesteps(module.sampler.num_steps)
-            x = torch.randn(len(prompts), *backbone.latent_shape, generator=torch.Generator().manual_seed(0))
+            scheduler.set_timesteps(module.sampler.num_steps, device=device)
+            x = torch.randn(len(prompts), *backbone.latent_shape, generator=torch.Generator().manual_seed(0)).to(device)
             for t in scheduler.timesteps:
                 v = backbone.denoiser(hidden_states=x, encoder_hidden_states=embeds.hidden,
                                       pooled_projections=embeds.pooled, timestep=t.expand(len(prompts))).sample
                 x = scheduler.step(v, t, x).prev_sample
             backbone.decode(x)
+        sync()
         plain.append(time.perf_counter() - start)
     out["plain_loop_time"] = sorted(plain)[1]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -81,18 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"],
+                        help="gpu: time on CUDA and report torch.cuda.max_memory_allocated (results: overhead_gpu.*)")
     parser.add_argument("--quick", action="store_true", help="2 iterations of 4 samples (checks the pipeline)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     iterations, batch = (2, 4) if args.quick else (args.iterations, args.batch_size)
     if args.measure:
-        print(json.dumps(measure(args.measure, iterations, batch)))
+        print(json.dumps(measure(args.measure, iterations, batch, args.accelerator)))
         return 0
     rows = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for config in ("critic", "no critic"):
         cmd = [sys.executable, "-m", "benchmarks.overhead", "--measure", config, "--iterations", str(iterations),
-               "--batch-size", str(batch)]
+               "--batch-size", str(batch), "--accelerator", args.accelerator]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
         if out.returncode:
             raise RuntimeError(out.stderr[-3000:])
@@ -103,18 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"`{command}` — {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}, "
              f"OMP_NUM_THREADS={args.threads}, batch {batch}, {iterations} iterations (first one dropped)", "",
-             "| configuration | update time (s) | rollout time (s) | plain loop (s) | peak RSS (MB) |",
-             "|---|---|---|---|---|"]
+             "| configuration | update time (s) | rollout time (s) | plain loop (s) | peak RSS (MB) | peak CUDA (MB) |",
+             "|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        cuda = f"{r['cuda_max_memory_mb']:.0f}" if "cuda_max_memory_mb" in r else "—"
         lines.append(f"| {name} | {r['perf/update_time']:.3f} | {r['perf/rollout_time']:.3f} | "
-                     f"{r['plain_loop_time']:.3f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['plain_loop_time']:.3f} | {r['peak_rss_mb']:.0f} | {cuda} |")
     lines += ["", f"update with / without critic: **{ratios['update_with_over_without_critic']:.2f}×**; "
               f"rollout with log-probs + values / plain loop: "
               f"**{ratios['rollout_with_logprob_value_over_plain_loop']:.2f}×**"]
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "overhead.json").write_text(json.dumps({"command": command, "rows": rows, **ratios}, indent=2))
-        (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
+        name = "overhead_gpu" if args.accelerator == "gpu" else "overhead"
+        if args.accelerator == "gpu":
+            import torch
+
+            lines[0] += f", {torch.cuda.get_device_name(0)}"
+        (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows, **ratios}, indent=2))
+        (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -54,3 +54,15 @@ def test_overhead_benchmark_quick(capsys):
 
     assert overhead.main(["--quick"]) == 0
     assert "update with / without critic" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sample_efficiency_benchmark_quick(tmp_path):
+    import benchmarks.sample_efficiency as se
+
+    assert se.main(["--quick", "--jobs", "3", "--out", str(tmp_path)]) == 0
+    rows = (tmp_path / "sample_efficiency.csv").read_text().splitlines()
+    assert rows[0] == "backbone,method,seed,iteration,samples,accuracy,reward"
+    assert {r.split(",")[1] for r in rows[1:]} == {"actor_critic", "grpo", "ddpo"}
+    assert (tmp_path / "sample_efficiency.png").is_file()
+    assert "actor-critic samples to reach it" in (tmp_path / "sample_efficiency.md").read_text()

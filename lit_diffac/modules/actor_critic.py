@@ -278,10 +278,13 @@ class LatentActorCritic(L.LightningModule):
         rollout = collect_rollout(self.backbone, self.sampler, prompts, value_head=self.value_head,
                                   num_values=self.num_values, generator=generator, cfg_scale=hp.cfg_scale,
                                   device=self.device, keep_features=self._needs_features())
+        self._sync()
         rollout_time = time.perf_counter() - start
         rollout.rewards = self.score(rollout.images, prompts)
+        self._sync()
         reward_time = time.perf_counter() - start - rollout_time
         metrics = self.update(rollout)
+        self._sync()
         iteration_time = time.perf_counter() - start
         samples = hp.batch_size * self.trainer.world_size
         self.samples_seen += samples
@@ -292,6 +295,11 @@ class LatentActorCritic(L.LightningModule):
             "perf/samples_seen": float(self.samples_seen), **self._reward_times,
         })
         self._log_metrics(metrics)
+
+    def _sync(self) -> None:
+        """Wait for queued GPU work, so the ``perf/…`` timings measure it (a no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _needs_features(self) -> bool:
         return self.value_head is not None and self.hparams.critic_epochs > 0

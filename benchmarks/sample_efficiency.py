@@ -1,0 +1,265 @@
+"""Sample efficiency: held-out alignment vs generated samples for actor-critic, GRPO and DDPO.
+
+    python -m benchmarks.sample_efficiency [--backbones dit unet] [--seeds 0 1 2] [--iterations 300]
+        [--eval-every 25] [--jobs 2] [--threads 1] [--accelerator cpu|gpu] [--quick]
+
+Every (backbone, method, seed) is one ``lit-diffac run recipes/toy/<method>_<backbone>.yaml`` in its own
+process (``--jobs`` at a time), with the same sample budget (``batch_size`` 32 × ``--iterations``), the recipes'
+learning rates and PPO settings (identical across methods: only the advantage estimator differs) and the
+module's built-in held-out evaluation every ``--eval-every`` iterations (seed 12345, CFG off, 20 prompts ×
+``--eval-samples`` samples). Outputs, in ``benchmarks/results/``:
+
+* ``sample_efficiency.csv``: one row per evaluation (backbone, method, seed, iteration, samples, accuracy,
+  mean reward);
+* ``sample_efficiency.png``: mean accuracy over seeds vs samples (band: min–max), one panel per backbone;
+* ``sample_efficiency.md``: final accuracy per method and the headline figure — the samples the actor-critic
+  needs to reach GRPO's final mean accuracy, as a fraction of GRPO's budget (the first evaluation at which
+  the seed-mean curve reaches it, linearly interpolated; "not reached" when it never does).
+
+``--quick`` (one seed, DiT only, 2 iterations, a tiny evaluation, written under ``results/quick/``) checks the
+pipeline end to end in about a minute; a test runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "toy"
+METHODS = {"actor_critic": "actor-critic (ours)", "grpo": "GRPO", "ddpo": "DDPO"}
+ACCURACY = "eval/digit_alignment_accuracy"
+REWARD = "eval/digit_alignment"
+BATCH_SIZE = 32  # every toy recipe's samples per iteration (checked against summary.json)
+
+
+EVAL_LINE = re.compile(r"^\[eval (\w+) @ iteration (\d+)\] (.*)$")
+
+
+def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out_dir: Path) -> list[str]:
+    """The ``lit-diffac run`` command line of one (backbone, method, seed)."""
+    recipe = RECIPES / f"{method}_{backbone}.yaml"
+    return [sys.executable, "-m", "lit_diffac", "run", str(recipe), f"--seed_everything={seed}",
+            f"--model.init_args.seed={seed}", f"--trainer.max_epochs={args.iterations}",
+            f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={out_dir / 'runs'}",
+            f"--trainer.logger.init_args.name={method}_{backbone}_seed{seed}",
+            f"--model.init_args.eval_every_n_iterations={args.eval_every}",
+            f"--model.init_args.eval_samples_per_prompt={args.eval_samples}", *args.overrides]
+
+
+def parse_log(text: str) -> tuple[list[dict], dict | None]:
+    """A run's log → its evaluations so far (from the module's ``[eval …]`` lines) and its summary if it ended."""
+    evals = []
+    for line in text.splitlines():
+        match = EVAL_LINE.match(line.strip())
+        if match:
+            label, iteration, rest = match.groups()
+            metrics = {f"eval/{k}": float(v) for k, v in (item.rsplit(" ", 1) for item in rest.split(", "))}
+            evals.append({"label": label, "iteration": int(iteration), **metrics})
+    lines = text.strip().splitlines()
+    summary = None
+    if lines and lines[-1].startswith("summary: "):
+        summary = json.loads(Path(lines[-1].removeprefix("summary: ")).read_text())
+    return evals, summary
+
+
+def run_all(jobs: list[tuple[str, str, int]], args: argparse.Namespace, out_dir: Path) -> dict:
+    """Run every job, ``args.jobs`` at a time; past ``args.time_limit`` seconds, stop what is still running.
+
+    Returns ``{job: {"evals": [...], "summary": dict | None, "wall_s": float, "complete": bool}}``; a run that
+    failed raises with the end of its log.
+    """
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    pending, running, results = list(jobs), {}, {}
+    start = time.time()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            job = pending.pop(0)
+            log = out_dir / "runs" / ("{1}_{0}_seed{2}.log".format(*job))
+            handle = log.open("w")
+            running[job] = (subprocess.Popen(command(*job, args, out_dir), env=env, stdout=handle,
+                                             stderr=subprocess.STDOUT), handle, log, time.time())
+        time.sleep(1.0)
+        overtime = args.time_limit and time.time() - start > args.time_limit
+        for job, (proc, handle, log, began) in list(running.items()):
+            if proc.poll() is None and not overtime:
+                continue
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            handle.close()
+            del running[job]
+            text = log.read_text()
+            evals, summary = parse_log(text)
+            if proc.returncode not in (0, None) and not overtime:
+                raise RuntimeError(f"{job} failed (exit {proc.returncode}); end of {log}:\n" + text[-3000:])
+            results[job] = {"evals": evals, "summary": summary, "wall_s": time.time() - began,
+                            "complete": summary is not None}
+            final = evals[-1][ACCURACY] if evals else float("nan")
+            print(f"{job}: {'done' if summary else 'STOPPED'} at iteration {evals[-1]['iteration'] if evals else 0},"
+                  f" accuracy {final:.3f}, {results[job]['wall_s']:.0f} s", flush=True)
+        if overtime:
+            for job in pending:
+                results[job] = {"evals": [], "summary": None, "wall_s": 0.0, "complete": False}
+            pending.clear()
+    return results
+
+
+def curve_rows(backbone: str, method: str, seed: int, result: dict) -> list[dict]:
+    return [{"backbone": backbone, "method": method, "seed": seed, "iteration": e["iteration"],
+             "samples": e["iteration"] * BATCH_SIZE, "accuracy": e[ACCURACY], "reward": e[REWARD]}
+            for e in result["evals"]]
+
+
+def mean_curve(rows: list[dict], backbone: str, method: str) -> list[tuple[int, float, float, float]]:
+    """``(samples, mean, min, max)`` of accuracy over seeds at each evaluation point."""
+    points: dict[int, list[float]] = {}
+    for r in rows:
+        if r["backbone"] == backbone and r["method"] == method:
+            points.setdefault(r["samples"], []).append(r["accuracy"])
+    return [(s, statistics.mean(v), min(v), max(v)) for s, v in sorted(points.items())]
+
+
+def samples_to_reach(curve: list[tuple[int, float, float, float]], target: float) -> float | None:
+    """First sample count at which the (linearly interpolated) mean curve reaches ``target``."""
+    for (s0, a0, *_), (s1, a1, *_) in zip(curve, curve[1:]):
+        if a0 >= target:
+            return float(s0)
+        if a1 >= target:
+            return s0 + (s1 - s0) * (target - a0) / (a1 - a0)
+    return None
+
+
+def headline(rows: list[dict], backbone: str) -> dict:
+    ac, grpo = mean_curve(rows, backbone, "actor_critic"), mean_curve(rows, backbone, "grpo")
+    target, budget = grpo[-1][1], grpo[-1][0]
+    needed = samples_to_reach(ac, target)
+    return {"backbone": backbone, "grpo_final": target, "grpo_samples": budget, "actor_critic_samples": needed,
+            "fraction": None if needed is None or budget == 0 else needed / budget}
+
+
+def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(backbones), figsize=(5.5 * len(backbones), 4), squeeze=False)
+    for ax, backbone in zip(axes[0], backbones):
+        for method in methods:
+            curve = mean_curve(rows, backbone, method)
+            if not curve:
+                continue
+            xs = [c[0] for c in curve]
+            ax.plot(xs, [c[1] for c in curve], marker="o", ms=3, label=METHODS[method])
+            ax.fill_between(xs, [c[2] for c in curve], [c[3] for c in curve], alpha=0.2)
+        ax.set_title(f"toy {backbone.upper()}")
+        ax.set_xlabel("generated training samples")
+        ax.set_ylabel("held-out alignment accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(rows: list[dict], results: dict, backbones: list[str], methods: list[str], command: str,
+           machine: str) -> str:
+    lines = [f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}", "",
+             "| backbone | method | base acc | final acc (mean over seeds) | min–max | runs (complete) | "
+             "iterations | critic EV (end) | time per run (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for backbone in backbones:
+        for method in methods:
+            runs = [r for (b, m, _), r in results.items() if b == backbone and m == method and r["evals"]]
+            if not runs:
+                continue
+            final = [r["evals"][-1][ACCURACY] for r in runs]
+            base = statistics.mean(r["evals"][0][ACCURACY] for r in runs)
+            iters = sorted({r["evals"][-1]["iteration"] for r in runs})
+            evs = [r["summary"]["final_explained_variance"] for r in runs
+                   if r["summary"] and r["summary"]["final_explained_variance"] is not None]
+            ev = f"{statistics.mean(evs):.2f}" if evs else "—"
+            wall = statistics.mean(r["wall_s"] for r in runs)
+            lines.append(f"| {backbone} | {METHODS[method]} | {base:.3f} | {statistics.mean(final):.3f} | "
+                         f"{min(final):.3f}–{max(final):.3f} | {len(runs)} ({sum(r['complete'] for r in runs)}) | "
+                         f"{'/'.join(map(str, iters))} | {ev} | {wall:.0f} |")
+    lines += ["", "| backbone | GRPO final acc | GRPO samples | actor-critic samples to reach it | fraction |",
+              "|---|---|---|---|---|"]
+    for backbone in backbones:
+        if "grpo" in methods and "actor_critic" in methods and mean_curve(rows, backbone, "grpo"):
+            h = headline(rows, backbone)
+            reached = "not reached" if h["actor_critic_samples"] is None else f"{h['actor_critic_samples']:.0f}"
+            frac = "—" if h["fraction"] is None else f"{h['fraction']:.2f}"
+            lines.append(f"| {backbone} | {h['grpo_final']:.3f} | {h['grpo_samples']} | {reached} | {frac} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=["dit", "unet"], choices=["dit", "unet"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-samples", type=int, default=25, help="held-out samples per prompt (20 prompts)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of each run (cpu, gpu)")
+    parser.add_argument("--time-limit", type=float, default=0.0,
+                        help="seconds; then stop the runs still going and report them as incomplete (0: none)")
+    parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    parser.add_argument("--quick", action="store_true", help="one seed, DiT only, 2 iterations, a tiny evaluation")
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out) if args.out else RESULTS
+    if args.quick:
+        args.backbones, args.seeds, args.iterations, args.eval_every, args.eval_samples = ["dit"], [0], 2, 1, 1
+        out_dir = Path(args.out) if args.out else RESULTS / "quick"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(b, m, s) for b in args.backbones for m in args.methods for s in args.seeds]
+    results = run_all(jobs, args, out_dir)
+    for (b, m, s), r in results.items():
+        if r["summary"] and r["summary"]["samples_seen"] != r["evals"][-1]["iteration"] * BATCH_SIZE:
+            raise RuntimeError(f"{(b, m, s)}: samples_seen {r['summary']['samples_seen']} is not "
+                               f"{BATCH_SIZE} x iterations; this benchmark assumes batch_size {BATCH_SIZE}")
+    rows = [row for (b, m, s), r in results.items() for row in curve_rows(b, m, s, r)]
+    with (out_dir / "sample_efficiency.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["backbone", "method", "seed", "iteration", "samples", "accuracy",
+                                                "reward"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, args.backbones, args.methods, out_dir / "sample_efficiency.png")
+    cmd = "python -m benchmarks.sample_efficiency " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = f"{platform.node()} ({os.cpu_count()} CPUs, accelerator={args.accelerator}"
+    if args.accelerator == "gpu":
+        import torch
+
+        machine += f", {torch.cuda.get_device_name(0)}"
+    machine += f", OMP_NUM_THREADS={args.threads}, {args.jobs} runs at a time)"
+    text = report(rows, results, args.backbones, args.methods, cmd, machine)
+    (out_dir / "sample_efficiency.md").write_text(text)
+    headlines = [headline(rows, b) for b in args.backbones
+                 if {"grpo", "actor_critic"} <= set(args.methods) and mean_curve(rows, b, "grpo")]
+    (out_dir / "sample_efficiency.json").write_text(json.dumps(
+        {"command": cmd, "machine": machine, "headline": headlines,
+         "runs": {"/".join(map(str, k)): {"complete": r["complete"], "wall_s": r["wall_s"], "evals": r["evals"],
+                                          "final_explained_variance": (r["summary"] or {}).get(
+                                              "final_explained_variance")} for k, r in results.items()}},
+        indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""The sample-efficiency benchmark's bookkeeping (its end-to-end --quick run is a slow test)."""
+
+import json
+
+import pytest
+
+from benchmarks.sample_efficiency import headline, mean_curve, parse_log, samples_to_reach
+
+
+def test_parse_log_reads_eval_lines_and_summary(tmp_path):
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"samples_seen": 64}))
+    log = ("noise\n[eval base @ iteration 0] digit_alignment 0.400, digit_alignment_accuracy 0.410\n"
+           "[eval periodic @ iteration 2] digit_alignment 0.500, digit_alignment_accuracy 0.520\n"
+           f"summary: {summary}\n")
+    evals, parsed = parse_log(log)
+    assert evals == [{"label": "base", "iteration": 0, "eval/digit_alignment": 0.4,
+                      "eval/digit_alignment_accuracy": 0.41},
+                     {"label": "periodic", "iteration": 2, "eval/digit_alignment": 0.5,
+                      "eval/digit_alignment_accuracy": 0.52}]
+    assert parsed == {"samples_seen": 64}
+    assert parse_log(log.split("summary: ")[0])[1] is None  # a run stopped early has no summary
+
+
+def _rows(method, points, seeds=(0, 1)):
+    return [{"backbone": "dit", "method": method, "seed": s, "iteration": x // 32, "samples": x,
+             "accuracy": a + 0.01 * (1 if s else -1), "reward": a} for s in seeds for x, a in points]
+
+
+def test_mean_curve_and_interpolated_crossing():
+    rows = _rows("actor_critic", [(0, 0.4), (320, 0.6), (640, 0.8)]) + _rows("grpo", [(0, 0.4), (640, 0.5)])
+    curve = mean_curve(rows, "dit", "actor_critic")
+    assert curve == [(0, pytest.approx(0.4), pytest.approx(0.39), pytest.approx(0.41)),
+                     (320, pytest.approx(0.6), pytest.approx(0.59), pytest.approx(0.61)),
+                     (640, pytest.approx(0.8), pytest.approx(0.79), pytest.approx(0.81))]
+    assert samples_to_reach(curve, 0.5) == pytest.approx(160.0)  # halfway between 0 and 320 samples
+    assert samples_to_reach(curve, 0.9) is None
+    h = headline(rows, "dit")
+    assert h["grpo_final"] == pytest.approx(0.5) and h["grpo_samples"] == 640
+    assert h["actor_critic_samples"] == pytest.approx(160.0) and h["fraction"] == pytest.approx(0.25)
