@@ -21,6 +21,8 @@ from lit_diffac.rewards.base import CallableReward
 from lit_diffac.samplers import FlowSDESampler
 
 TESTS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS_DIR))
+from helpers_faults import write_tiny_recipe  # noqa: E402
 REPO = TESTS_DIR.parent
 
 
@@ -142,35 +144,6 @@ def test_nonfinite_inputs_and_snapshot_units():
 
 # ------------------------------------------------------------------------------------- SIGTERM, end to end
 
-RECIPE = """\
-seed_everything: 0
-trainer:
-  max_epochs: 4
-  accelerator: cpu
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{save_last: true}}
-model:
-  class_path: lit_diffac.modules.LatentActorCritic
-  init_args:
-    backbone: {{class_path: lit_diffac.backbones.DiTBackbone, init_args: {{pretrained: {pipeline}}}}}
-    rewards:
-      - class_path: lit_diffac.rewards.CallableReward
-        init_args: {{fn: helpers_faults.brightness_or_sigterm, name: brightness}}
-    sampler: {{class_path: lit_diffac.samplers.FlowSDESampler, init_args: {{num_steps: 4}}}}
-    train_prompts: [a 1, a 2]
-    eval_prompts: [the digit 1, the number two]
-    batch_size: 4
-    minibatch_size: 8
-    eval_samples_per_prompt: 1
-    clip_range: 0.01
-    actor_lr: 0.001
-"""
-
-
 def run_cli(cwd: Path, args: list[str], sigterm_at: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO)]), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
@@ -182,8 +155,7 @@ def run_cli(cwd: Path, args: list[str], sigterm_at: int | None = None) -> subpro
 
 
 def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_to_the_same_result(toy_pipelines, tmp_path):
-    recipe = tmp_path / "tiny_rl.yaml"
-    recipe.write_text(RECIPE.format(pipeline=toy_pipelines["dit"]))
+    recipe = write_tiny_recipe(tmp_path, toy_pipelines)
     whole, split = tmp_path / "whole", tmp_path / "split"
     whole.mkdir(), split.mkdir()
     done = run_cli(whole, ["run", str(recipe)])
