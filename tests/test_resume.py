@@ -46,7 +46,7 @@ def fit(cls, pipeline, root, name: str, epochs: int, ckpt_path=None, **kw):
     trainer = L.Trainer(max_epochs=epochs, logger=TensorBoardLogger(root, name=name, version=0),
                         callbacks=[ModelCheckpoint(dirpath=root / name / "ckpt", save_last=True), recorder],
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, ckpt_path=ckpt_path)
+    trainer.fit(module, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)  # resume: weights_only
     return module, recorder.metrics, trainer
 
 
