@@ -103,14 +103,14 @@ def check_compatible(expected: Mapping[str, torch.Tensor], found: Mapping[str, A
     if not (missing or unexpected or shapes):
         return
     parts = []
+    if missing:
+        parts.append(f"tensors missing: {len(missing)}, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"not in this model: {len(unexpected)}, e.g. {unexpected[0]}")
     if shapes:
         k = shapes[0]
-        parts.append(f"{len(shapes)} tensors differ in shape (e.g. {k}: {list(found[k].shape)} in the checkpoint, "
-                     f"{list(expected[k].shape)} in this model)")
-    if missing:
-        parts.append(f"{len(missing)} are missing (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} are not in this model (e.g. {unexpected[0]})")
+        parts.append(f"with another shape: {len(shapes)}, e.g. {k} {list(found[k].shape)} in the checkpoint vs "
+                     f"{list(expected[k].shape)} here")
     raise CheckpointMismatchError(
-        f"checkpoint {source} was written by a different model: {'; '.join(parts)}. Use the recipe that wrote it "
-        "(its config.yaml sits next to the checkpoints/ folder), or start a new run without --ckpt_path")
+        f"checkpoint {source} was written by a different model ({'; '.join(parts)}). Use the recipe that wrote it "
+        "(its config.yaml sits next to the checkpoints/ folder), or start without this checkpoint")

@@ -107,7 +107,7 @@ def test_mismatched_checkpoint_for_resume_and_sample(capsys, tmp_path, toy_pipel
     assert ckpt.is_file()
     capsys.readouterr()
     unet = write_tiny_recipe(tmp_path, toy_pipelines, family="unet", reward="brightness", name="unet.yaml")
-    expected = f"error: checkpoint {ckpt} was written by a different model: "
+    expected = f"error: checkpoint {ckpt} was written by a different model ("
     line = error_line(capsys, ["run", str(unet), "--ckpt_path", str(ckpt)])
     assert line.startswith(expected) and "Use the recipe that wrote it" in line
     line = error_line(capsys, ["sample", "--config", str(unet), "--ckpt", str(ckpt), "--out", str(tmp_path / "s")])

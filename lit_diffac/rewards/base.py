@@ -46,7 +46,8 @@ class Reward(torch.nn.Module, abc.ABC):
 
     Calling the reward (:meth:`forward`) returns float32 scores ``[B]`` on the *input images'* device.
     Non-finite scores (NaN, ±inf) are passed through unchanged: the training loop decides how to treat
-    them (it masks and counts them), so a single failed sample does not abort scoring of the batch.
+    them (it skips that iteration's update and counts it in ``fault/skipped_iterations``; several in a row
+    stop the run with a checkpoint), so a single failed sample does not abort scoring of the batch.
     """
 
     #: Metric key used when no ``name`` is given.  Subclasses override it.
