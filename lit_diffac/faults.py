@@ -159,8 +159,12 @@ class GracefulStop(Checkpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         halt = getattr(pl_module, "halt_reason", None)
-        if self.received is None and not halt:
+        signalled = self.received is not None
+        if trainer.world_size > 1:  # a signal may reach one process only: all stop together
+            signalled = bool(trainer.strategy.reduce_boolean_decision(signalled, all=False))
+        if not signalled and not halt:
             return
+        self.received = self.received or "signal in another process"
         path = checkpoint_dir(trainer) / self.filename
         trainer.save_checkpoint(path)
         where = f"saved a resumable checkpoint to {path.resolve()} (resume with --ckpt_path {path.resolve()})"

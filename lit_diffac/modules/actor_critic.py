@@ -305,8 +305,10 @@ class LatentActorCritic(L.LightningModule):
         self._log_metrics(metrics)
 
     def _guarded_update(self, rollout: Rollout) -> dict[str, float]:
-        """:meth:`update`, skipped (weights, optimiser and reward statistics untouched) when anything is non-finite."""
+        """:meth:`update`, skipped (weights, optimisers, reward statistics untouched) when anything is non-finite."""
         problem = nonfinite_inputs(rollout.rewards, rollout.log_probs, rollout.values, self.reward_names)
+        if not self._everywhere(problem is None) and problem is None:  # every process skips together
+            problem = "another process had non-finite rewards, log-probs or values"
         if problem is None:
             snapshot = TrainableSnapshot([*self.backbone.policy_parameters(), *self._critic_parameters()],
                                          self.actor_critic_optimizers(), [self.reward_normalizer, self.estimator]) \
@@ -318,11 +320,12 @@ class LatentActorCritic(L.LightningModule):
             except NonFiniteUpdate as err:
                 if snapshot is not None:
                     snapshot.restore()
-                problem = str(err)
+                problem = str(err) if snapshot is not None else f"{err} (earlier minibatches' steps stand)"
         self.skipped_iterations += 1
         self.consecutive_bad += 1
         limit = self.hparams.max_bad_iterations
-        self.print(f"[iteration {self.current_epoch}] update skipped, weights unchanged: {problem} "
+        kept = "" if problem.endswith("stand)") else ", weights unchanged"
+        self.print(f"[iteration {self.current_epoch}] update skipped{kept}: {problem} "
                    f"({self.consecutive_bad} in a row; the run stops at {limit})")
         if self.consecutive_bad >= limit:
             self.consecutive_bad = 0
@@ -330,6 +333,17 @@ class LatentActorCritic(L.LightningModule):
                                 f"{self.current_epoch}: {problem}); fix the reward or lower the learning rates, "
                                 "then resume")
         return {"fault/skipped": 1.0, "fault/skipped_iterations": float(self.skipped_iterations)}
+
+    def _everywhere(self, ok: bool) -> bool:
+        """Whether ``ok`` holds in every process (so that all of them skip an update together)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return ok
+        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
+
+    def _require_finite(self, value: float, message: str) -> None:
+        finite = math.isfinite(value)
+        if not self._everywhere(finite):
+            raise NonFiniteUpdate(message if not finite else f"{message} in another process")
 
     def _critic_parameters(self) -> list[nn.Parameter]:
         return list(self.value_head.parameters()) if self.value_head is not None else []
@@ -403,7 +417,7 @@ class LatentActorCritic(L.LightningModule):
                     if opt is not None:
                         opt.zero_grad(set_to_none=True)
                 where = f"inner epoch {epoch}, minibatch {mb_start // hp.minibatch_size}"
-                _require_finite(float(loss.detach()), f"loss is not finite ({where})")
+                self._require_finite(float(loss.detach()), f"loss is not finite ({where})")
                 self.manual_backward(loss)
                 if train_actor:
                     diag["train/actor_grad_norm"] = _clip(self.backbone.policy_parameters(), hp.max_grad_norm)
@@ -411,7 +425,7 @@ class LatentActorCritic(L.LightningModule):
                     diag["train/critic_grad_norm"] = _clip(list(self.value_head.parameters()),
                                                            hp.critic_max_grad_norm)
                 for key in ("train/actor_grad_norm", "train/critic_grad_norm"):
-                    _require_finite(diag.get(key, 0.0), f"{key.split('/')[1]} is not finite ({where})")
+                    self._require_finite(diag.get(key, 0.0), f"{key.split('/')[1]} is not finite ({where})")
                 if train_actor:
                     actor_opt.step()
                 if critic_opt is not None:
@@ -443,10 +457,10 @@ class LatentActorCritic(L.LightningModule):
                                          self.sampler.timestep_fraction(k).to(self.device), rollout.embeds.pooled[i])
                 loss = value_loss(values, targets[i, k], rollout.values[i, k], hp.value_clip_range).loss
                 optimizer.zero_grad(set_to_none=True)
-                _require_finite(float(loss.detach()), "extra critic epoch loss is not finite")
+                self._require_finite(float(loss.detach()), "extra critic epoch loss is not finite")
                 self.manual_backward(loss)
-                _require_finite(_clip(list(self.value_head.parameters()), hp.critic_max_grad_norm),
-                                "extra critic epoch gradient is not finite")
+                self._require_finite(_clip(list(self.value_head.parameters()), hp.critic_max_grad_norm),
+                                     "extra critic epoch gradient is not finite")
                 optimizer.step()
         return float(loss.detach())
 
@@ -534,11 +548,6 @@ class LatentActorCritic(L.LightningModule):
 
 def _has_adapter(module: nn.Module) -> bool:
     return any("lora_" in name for name, _ in module.named_parameters())
-
-
-def _require_finite(value: float, message: str) -> None:
-    if not math.isfinite(value):
-        raise NonFiniteUpdate(message)
 
 
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
