@@ -16,12 +16,12 @@ def brightness(images, prompts, **_):
 
 
 def brightness_or_sigterm(images, prompts, **_):
-    """Brightness; sends SIGTERM to this very process on training call ``$LIT_DIFFAC_TEST_SIGTERM_AT``
-    (0-based; training calls are the ones with 4 images, evaluation calls have 2)."""
+    """Brightness; sends SIGTERM (or ``$LIT_DIFFAC_TEST_SIGNAL``, e.g. ``SIGINT``) to this very process on
+    training call ``$LIT_DIFFAC_TEST_SIGTERM_AT`` (0-based; training calls have 4 images, evaluation calls 2)."""
     if len(prompts) == 4:
         at = os.environ.get("LIT_DIFFAC_TEST_SIGTERM_AT")
         if at is not None and _CALLS["train"] == int(at):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("LIT_DIFFAC_TEST_SIGNAL", "SIGTERM")))
         _CALLS["train"] += 1
     return brightness(images, prompts)
 

@@ -148,9 +148,10 @@ def test_nonfinite_inputs_and_snapshot_units():
 
 # ------------------------------------------------------------------------------------- SIGTERM, end to end
 
-def run_cli(cwd: Path, args: list[str], sigterm_at: int | None = None) -> subprocess.CompletedProcess:
+def run_cli(cwd: Path, args: list[str], sigterm_at: int | None = None,
+            signal_name: str = "SIGTERM") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO)]), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "LIT_DIFFAC_TEST_SIGNAL": signal_name}
     env.pop("LIT_DIFFAC_TEST_SIGTERM_AT", None)
     if sigterm_at is not None:
         env["LIT_DIFFAC_TEST_SIGTERM_AT"] = str(sigterm_at)
@@ -183,3 +184,14 @@ def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_to_the_same_result(toy_
               for d in (whole, split))
     assert wa["epoch"] == wb["epoch"] == 3
     assert all(torch.equal(wa["state_dict"][k], wb["state_dict"][k]) for k in wa["state_dict"])
+
+
+def test_ctrl_c_mid_run_saves_a_checkpoint(toy_pipelines, tmp_path):
+    recipe = write_tiny_recipe(tmp_path, toy_pipelines)
+    killed = run_cli(tmp_path, ["run", str(recipe)], sigterm_at=0, signal_name="SIGINT")
+    ckpt = tmp_path / "runs" / "tiny_rl" / "version_0" / "checkpoints" / "last.ckpt"
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert "[SIGINT] stopping after this iteration to write a resumable checkpoint (Ctrl-C again quits now" \
+        in killed.stderr
+    assert f"[SIGINT] saved a resumable checkpoint to {ckpt.resolve()}" in killed.stderr
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
