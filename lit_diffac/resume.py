@@ -75,15 +75,16 @@ def training_state(module: Any) -> dict[str, Any]:
     }
 
 
-def load_training_state(module: Any, state: Mapping[str, Any]) -> None:
-    """Put :func:`training_state`'s output back into ``module`` (and the global RNGs)."""
+def load_training_state(module: Any, state: Mapping[str, Any], rng: bool = True) -> None:
+    """Put :func:`training_state`'s output back into ``module`` (and, if ``rng``, the global RNGs)."""
     module.samples_seen = state["samples_seen"]
     module.eval_history = [dict(e) for e in state["eval_history"]]
     module._recent = [dict(m) for m in state["recent_metrics"]]
     if state["estimator"] is not None:
         module.estimator.load_state_dict(state["estimator"])
     module.skipped_iterations, module.consecutive_bad = state["skipped_iterations"], state["consecutive_bad"]
-    restore_rng_state(state["rng"])
+    if rng:
+        restore_rng_state(state["rng"])
 
 
 def check_compatible(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any], source: str,

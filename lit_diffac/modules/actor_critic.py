@@ -359,7 +359,7 @@ class LatentActorCritic(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_compatible(self.state_dict(), checkpoint["state_dict"], str(getattr(self._trainer, "ckpt_path", "")))
         if CHECKPOINT_KEY in checkpoint:
-            load_training_state(self, checkpoint[CHECKPOINT_KEY])
+            load_training_state(self, checkpoint[CHECKPOINT_KEY], rng=self._trainer is not None)  # not for inference
 
     def _needs_features(self) -> bool:
         return self.value_head is not None and self.hparams.critic_epochs > 0
