@@ -159,30 +159,36 @@ def run_cli(cwd: Path, args: list[str], sigterm_at: int | None = None,
                           text=True, timeout=300)
 
 
-def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_to_the_same_result(toy_pipelines, tmp_path):
+def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_to_the_same_result(toy_pipelines, tmp_path, monkeypatch,
+                                                                            capsys):
+    from lit_diffac.cli import main
+
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+    monkeypatch.delenv("LIT_DIFFAC_TEST_SIGTERM_AT", raising=False)
     recipe = write_tiny_recipe(tmp_path, toy_pipelines)
     whole, split = tmp_path / "whole", tmp_path / "split"
     whole.mkdir(), split.mkdir()
-    done = run_cli(whole, ["run", str(recipe)])
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.chdir(whole)
+    assert main(["run", str(recipe)]) == 0  # the uninterrupted reference, in this process (1 thread, as below)
 
-    killed = run_cli(split, ["run", str(recipe)], sigterm_at=1)  # SIGTERM while scoring iteration 1
+    killed = run_cli(split, ["run", str(recipe)], sigterm_at=1)  # a process: SIGTERM while scoring iteration 1
     ckpt = split / "runs" / "tiny_rl" / "version_0" / "checkpoints" / "last.ckpt"
     assert killed.returncode == 1, killed.stderr[-3000:]
     assert f"[SIGTERM] saved a resumable checkpoint to {ckpt.resolve()}" in killed.stderr
     assert not (split / "runs" / "tiny_rl" / "version_0" / "summary.json").exists()  # it did stop early
     assert torch.load(ckpt, weights_only=True)["epoch"] == 1  # iteration 1 was finished, then saved
 
-    resumed = run_cli(split, ["run", str(recipe), "--ckpt_path", "last"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resume: continuing {ckpt.resolve()}" in resumed.stderr
+    monkeypatch.chdir(split)
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--ckpt_path", "last"]) == 0
+    assert f"resume: continuing {ckpt.resolve()}" in capsys.readouterr().err
     assert not (split / "runs" / "tiny_rl" / "version_1").exists()  # same run folder, logs continue
     a, b = (json.loads((d / "runs" / "tiny_rl" / "version_0" / "summary.json").read_text()) for d in (whole, split))
     for key in ("iterations", "samples_seen", "base", "final", "final_train", "eval_history"):
         assert a[key] == b[key], key
     wa, wb = (torch.load(d / "runs" / "tiny_rl" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
               for d in (whole, split))
-    assert wa["epoch"] == wb["epoch"] == 3
+    assert wa["epoch"] == wb["epoch"] == 3  # saved at the end of the last iteration (index 3)
     assert all(torch.equal(wa["state_dict"][k], wb["state_dict"][k]) for k in wa["state_dict"])
 
 
