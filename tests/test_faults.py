@@ -146,6 +146,11 @@ def test_nonfinite_inputs_and_snapshot_units():
     assert issubclass(NonFiniteUpdate, Exception)
 
 
+def test_max_bad_iterations_is_validated(toy_pipelines):
+    with pytest.raises(ValueError, match=r"max_bad_iterations must be >= 1 \(got 0\)"):
+        make(toy_pipelines["dit"], nan_at(-1), max_bad_iterations=0)
+
+
 # ------------------------------------------------------------------------------------- SIGTERM, end to end
 
 def run_cli(cwd: Path, args: list[str], sigterm_at: int | None = None,

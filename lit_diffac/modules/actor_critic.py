@@ -306,13 +306,16 @@ class LatentActorCritic(L.LightningModule):
 
     def _guarded_update(self, rollout: Rollout) -> dict[str, float]:
         """:meth:`update`, skipped (weights, optimisers, reward statistics untouched) when anything is non-finite."""
+        hp = self.hparams
         problem = nonfinite_inputs(rollout.rewards, rollout.log_probs, rollout.values, self.reward_names)
         if not self._everywhere(problem is None) and problem is None:  # every process skips together
             problem = "another process had non-finite rewards, log-probs or values"
+        untouched = True
         if problem is None:
-            snapshot = TrainableSnapshot([*self.backbone.policy_parameters(), *self._critic_parameters()],
-                                         self.actor_critic_optimizers(), [self.reward_normalizer, self.estimator]) \
-                if self.hparams.rollback_on_nonfinite else None
+            trainable = [*self.backbone.policy_parameters(),
+                         *(self.value_head.parameters() if self.value_head is not None else ())]
+            snapshot = TrainableSnapshot(trainable, self.actor_critic_optimizers(),
+                                         [self.reward_normalizer, self.estimator]) if hp.rollback_on_nonfinite else None
             try:
                 metrics = self.update(rollout)
                 self.consecutive_bad = 0
@@ -320,11 +323,11 @@ class LatentActorCritic(L.LightningModule):
             except NonFiniteUpdate as err:
                 if snapshot is not None:
                     snapshot.restore()
-                problem = str(err) if snapshot is not None else f"{err} (earlier minibatches' steps stand)"
+                untouched, problem = snapshot is not None, str(err)
         self.skipped_iterations += 1
         self.consecutive_bad += 1
-        limit = self.hparams.max_bad_iterations
-        kept = "" if problem.endswith("stand)") else ", weights unchanged"
+        limit = hp.max_bad_iterations
+        kept = ", weights unchanged" if untouched else " (its earlier minibatch steps stand)"
         self.print(f"[iteration {self.current_epoch}] update skipped{kept}: {problem} "
                    f"({self.consecutive_bad} in a row; the run stops at {limit})")
         if self.consecutive_bad >= limit:
@@ -341,12 +344,10 @@ class LatentActorCritic(L.LightningModule):
         return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
 
     def _require_finite(self, value: float, message: str) -> None:
+        """Raise :class:`NonFiniteUpdate` (in every process) unless ``value`` is finite in every process."""
         finite = math.isfinite(value)
         if not self._everywhere(finite):
             raise NonFiniteUpdate(message if not finite else f"{message} in another process")
-
-    def _critic_parameters(self) -> list[nn.Parameter]:
-        return list(self.value_head.parameters()) if self.value_head is not None else []
 
     def configure_callbacks(self):
         """SIGTERM / Ctrl-C and a halt after non-finite iterations stop at an iteration's end with a checkpoint."""
