@@ -113,3 +113,7 @@ def test_mismatched_checkpoint_for_resume_and_sample(capsys, tmp_path, toy_pipel
     line = error_line(capsys, ["sample", "--config", str(unet), "--ckpt", str(ckpt), "--out", str(tmp_path / "s")])
     assert line.startswith(expected)
     assert torch.load(ckpt, weights_only=True)["epoch"] == 0  # the checkpoint is untouched
+    out = tmp_path / "ok"  # the recipe that wrote it samples from it
+    assert main(["sample", "--config", str(dit), "--ckpt", str(ckpt), "--prompts", "toy:heldout",
+                 "--out", str(out)]) == 0
+    assert (out / "rewards.json").is_file()
