@@ -116,5 +116,6 @@ def test_resuming_a_checkpoint_of_another_backbone_fails_clearly(toy_pipelines, 
                                eval_prompts=EVAL_PROMPTS)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, accelerator="cpu",
                         enable_model_summary=False)
-    with pytest.raises(CheckpointMismatchError, match=r"was written by a different model \(tensors missing: .*\)\. Use the recipe"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"was written by a different model \(tensors missing: .*\)\. Use the recipe"):
         trainer.fit(module, ckpt_path=ckpt)
