@@ -51,6 +51,7 @@ from typing import Any, Callable, NoReturn
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_diffac.cli_errors import closest, config_paths, format_parser_error, missing_file_cause
+from lit_diffac.errors import find_user_error
 
 __all__ = [
     "DEFAULT_RUN_NAME",
@@ -199,7 +200,8 @@ class LitDiffacCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:  # noqa: BLE001 - re-raised unless a missing file explains it
-            cause = missing_file_cause(err)
+            user_error = find_user_error(err)
+            cause = str(user_error) if user_error is not None else missing_file_cause(err)
             if cause is None:
                 raise
             sys.stderr.write(f"error: {cause}\n")
@@ -254,6 +256,11 @@ class LitDiffacCLI(LightningCLI):
             reason = str(getattr(err, "msg", err)).splitlines()[0]
             parser.error(f"cannot resolve an interpolation{where}: {reason}")
 
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: continue the newest ``version_<n>`` of this run (its ``last.ckpt``, its logs)."""
+        if self.config_init.get(self.subcommand, {}).get("ckpt_path") == "last":
+            print(resume_latest_version(self.trainer), file=sys.stderr, flush=True)
+
     def after_fit(self) -> None:
         """Print ``summary: <absolute path>`` (last) if the module wrote ``summary.json`` in the log dir."""
         log_dir = self.trainer.log_dir
@@ -263,6 +270,24 @@ class LitDiffacCLI(LightningCLI):
         if summary.is_file():
             sys.stderr.flush()
             print(f"summary: {summary.resolve()}", flush=True)
+
+
+def resume_latest_version(trainer: Any) -> str:
+    """Point the trainer's logger at the newest ``version_<n>`` holding a ``checkpoints/last*.ckpt``.
+
+    Lightning looks for ``last.ckpt`` in *this* run's checkpoint folder, which for a new logger version is
+    empty; pointing the logger at the newest version that has one makes ``--ckpt_path last`` resume it (and
+    its TensorBoard curves continue).  Returns a line for the log saying what happens.
+    """
+    logger = trainer.logger
+    root = getattr(logger, "root_dir", None)
+    if root is None or not hasattr(logger, "_version"):
+        return "resume: --ckpt_path last uses the trainer's checkpoint folder (no versioned logger)"
+    found = sorted(Path(root).glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return f"resume: no checkpoints/last.ckpt under {Path(root).resolve()}: starting a new run"
+    logger._version = int(found[-1].parent.parent.name.removeprefix("version_"))
+    return f"resume: continuing {found[-1].resolve()}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -334,6 +359,19 @@ def main(args: list[str] | None = None) -> int:
         subcommand raises ``SystemExit(0)``, so ``python -m lit_diffac`` exits correctly too.
     """
     argv = list(sys.argv[1:] if args is None else args)
+    try:
+        return _dispatch(argv)
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        sys.stderr.flush()
+        sys.stderr.write(f"error: {user_error}\n")
+        raise SystemExit(2) from None
+
+
+def _dispatch(argv: list[str]) -> int:
+    """:func:`main` without the translation of :class:`~lit_diffac.errors.LitDiffacError` into ``error:``."""
     if not argv:
         sys.stderr.write(top_level_help())
         raise SystemExit(2)

@@ -186,6 +186,17 @@ class PerPromptStats(AdvantageEstimator):
         self.trackers: list[PerPromptStatTracker] = []
         self.buffer_size, self.min_count = buffer_size, min_count
 
+    def state_dict(self) -> dict:
+        """The trackers' buffers (plain lists, for ``weights_only`` checkpoints)."""
+        return {"trackers": [t.state_dict() for t in self.trackers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trackers = []
+        for tracker_state in state["trackers"]:
+            tracker = PerPromptStatTracker(self.buffer_size, self.min_count)
+            tracker.load_state_dict(tracker_state)
+            self.trackers.append(tracker)
+
     def __call__(self, rewards, values, prompts, weights, gather=None) -> Advantages:
         while len(self.trackers) < rewards.shape[1]:
             self.trackers.append(PerPromptStatTracker(self.buffer_size, self.min_count))

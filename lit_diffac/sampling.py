@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from lit_diffac.data.prompts import load_prompts
 from lit_diffac.guidance import best_of_n, steered_sample
+from lit_diffac.resume import check_compatible
 
 
 def load_module(config: str, ckpt: str | None = None, overrides: list[str] | None = None):
@@ -30,10 +31,8 @@ def load_module(config: str, ckpt: str | None = None, overrides: list[str] | Non
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"checkpoint {ckpt!r} not found")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("rewards.")]:
-            raise ValueError(f"checkpoint {ckpt} does not match the recipe's model "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        check_compatible(module.state_dict(), state, ckpt, ignore_prefixes=("rewards.", "eval_rewards."))
+        module.load_state_dict(state, strict=False)
     return module.eval()
 
 

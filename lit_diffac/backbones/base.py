@@ -9,6 +9,7 @@ single pass (DESIGN §5: never a second backbone pass).
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -16,16 +17,25 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lit_diffac.errors import HubUnavailableError
+
 #: Short names for the embedded toy models shipped inside the package.
 TOY_ALIASES = {"toy-unet": "toy-unet", "toy-dit": "toy-dit"}
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """Map a toy alias (``"toy-unet"``, ``"toy-dit"``) to its folder; pass anything else through.
+    """Map a toy alias (``"toy-unet"``, ``"toy-dit"``) to its folder; check a folder or hub id; return it.
+
+    Only a name that is neither a toy alias nor an existing folder nor path-like is a Hugging Face Hub id,
+    and only then is the network used (by diffusers, after an offline check here).
 
     Raises:
-        FileNotFoundError: for a toy alias whose weights are missing from the install.
+        FileNotFoundError: for a toy alias whose weights are missing from the install, or a path-like name
+            (absolute, ``./``, ``~``, several ``/``) that does not exist.
+        HubUnavailableError: for a hub id while the hub is offline (``HF_HUB_OFFLINE=1``) or unreachable.
     """
+    if name_or_path not in TOY_ALIASES and not Path(name_or_path).expanduser().exists():
+        _check_hub_id(name_or_path)
     if name_or_path in TOY_ALIASES:
         folder = Path(__file__).resolve().parent.parent / "toy" / "assets" / TOY_ALIASES[name_or_path]
         if not folder.is_dir():
@@ -35,6 +45,36 @@ def resolve_pretrained(name_or_path: str) -> str:
             )
         return str(folder)
     return name_or_path
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off (``HF_HUB_OFFLINE``, read now or at hub import)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail clearly for a missing folder, or a hub id while the hub is offline or unreachable."""
+    how = ("download it where the hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR as "
+           "`pretrained`").format(name=name)
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+    if looks_like_path:
+        raise FileNotFoundError(f"pipeline folder {name!r} does not exist: pass an existing diffusers pipeline "
+                                "folder, a Hugging Face Hub id, or toy-unet / toy-dit")
+    if hub_offline():
+        raise HubUnavailableError(f"{name!r} is not a local folder and the Hugging Face Hub is offline "
+                                  f"(HF_HUB_OFFLINE=1): {how}")
+    from diffusers import DiffusionPipeline
+
+    try:
+        DiffusionPipeline.load_config(name)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HubUnavailableError(f"could not fetch {name!r} from the Hugging Face Hub ({first}): check the id "
+                                  f"and the connection, or {how}") from err
 
 
 def require_local_folder(path: str, subfolder: str) -> None:

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from lit_diffac.errors import PromptFileError
+
 PromptSource = str | Sequence[str]
 
 
@@ -24,17 +26,39 @@ def load_prompts(source: PromptSource) -> list[str]:
             from lit_diffac.toy.prompts import prompt_table
 
             return [p for p, _ in prompt_table(source.split(":", 1)[1])]
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {source!r} not found (or use 'toy:train' / 'toy:heldout')")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        prompts = [p for p in prompts if p and not p.startswith("#")]
-        if not prompts:
-            raise ValueError(f"prompt file {source!r} contains no prompts (one per line expected)")
-        return prompts
+        return read_prompt_file(source)
     prompts = [str(p) for p in source]
     if not prompts:
-        raise ValueError("the prompt list is empty")
+        raise PromptFileError("the prompt list is empty: give at least one prompt")
+    return prompts
+
+
+def read_prompt_file(source: str) -> list[str]:
+    """The prompts of a UTF-8 text file, one per line (blank lines and ``#`` comments skipped).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        PromptFileError: it is a folder, not UTF-8 text (or binary), or holds no prompt.
+    """
+    path = Path(source)
+    fix = "save it as UTF-8 text with one prompt per line"
+    if path.is_dir():
+        raise PromptFileError(f"prompt file {source!r} is a folder: {fix}, and pass the file")
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {source!r} not found (or use 'toy:train' / 'toy:heldout')")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PromptFileError(f"prompt file {source!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at "
+                              f"offset {err.start}): {fix}") from None
+    if "\x00" in text:
+        raise PromptFileError(f"prompt file {source!r} looks binary (it contains NUL bytes): {fix}")
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise PromptFileError(f"prompt file {source!r} contains no prompts: {fix} (blank lines and # comments "
+                              "are skipped)")
     return prompts
 
 

@@ -33,8 +33,10 @@ from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
 from lit_diffac.data.prompts import PromptSource, load_prompts
 from lit_diffac.evaluation import default_sampler, evaluate
 from lit_diffac.estimators import AdvantageEstimator, CriticGAE
+from lit_diffac.faults import GracefulStop, NonFiniteUpdate, TrainableSnapshot, nonfinite_inputs
 from lit_diffac.losses import explained_variance, ppo_policy_loss, value_loss
 from lit_diffac.normalization import RewardNormalizer
+from lit_diffac.resume import CHECKPOINT_KEY, check_compatible, load_training_state, training_state
 from lit_diffac.rewards.base import Reward
 from lit_diffac.rollout import Rollout, collect_rollout, denoise
 from lit_diffac.samplers.base import Sampler
@@ -88,6 +90,12 @@ class LatentActorCritic(L.LightningModule):
         eval_every_n_iterations: evaluation period (0: only before and after training).
         eval_samples_per_prompt: samples per held-out prompt.
         seed: seeds prompts, rollout noise and minibatch order (with the iteration and process rank).
+        max_bad_iterations: an iteration whose rewards, log-probs, values, losses or gradients are not finite
+            is skipped (weights and optimiser states untouched, counted in ``fault/skipped_iterations``); this
+            many in a row stop the run with a checkpoint and a clear error.
+        rollback_on_nonfinite: keep a copy of the trainable weights and optimiser states during each update,
+            so that a non-finite loss or gradient mid-update undoes the whole iteration (``False`` saves that
+            memory: only the remaining minibatches are skipped).
     """
 
     #: summary.json reports training diagnostics averaged over this many final iterations.
@@ -129,6 +137,8 @@ class LatentActorCritic(L.LightningModule):
         eval_every_n_iterations: int = 0,
         eval_samples_per_prompt: int = 25,
         seed: int = 0,
+        max_bad_iterations: int = 3,
+        rollback_on_nonfinite: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -137,7 +147,7 @@ class LatentActorCritic(L.LightningModule):
                       timestep_fraction=timestep_fraction, clip_range=clip_range, cfg_scale=cfg_scale,
                       critic_epochs=critic_epochs, value_gradient=value_gradient,
                       value_warmup_iters=value_warmup_iters, samples_per_prompt=samples_per_prompt,
-                      kl_coef=kl_coef)
+                      kl_coef=kl_coef, max_bad_iterations=max_bad_iterations)
         if kl_coef and not getattr(backbone, "lora_rank", 0) and not _has_adapter(backbone.denoiser):
             raise ValueError("kl_coef > 0 needs a LoRA policy (lora_rank > 0): the reference policy is the base "
                              "model with the adapter disabled, so no copy of the weights is kept")
@@ -177,6 +187,7 @@ class LatentActorCritic(L.LightningModule):
         self.samples_seen = 0
         self._fit_started: float | None = None
         self._recent: list[dict[str, float]] = []
+        self.skipped_iterations, self.consecutive_bad, self.halt_reason = 0, 0, None
 
     # ------------------------------------------------------------------ configuration
     def _num_value_outputs(self) -> int:
@@ -283,7 +294,7 @@ class LatentActorCritic(L.LightningModule):
         rollout.rewards = self.score(rollout.images, prompts)
         self._sync()
         reward_time = time.perf_counter() - start - rollout_time
-        metrics = self.update(rollout)
+        metrics = self._guarded_update(rollout)
         self._sync()
         iteration_time = time.perf_counter() - start
         samples = hp.batch_size * self.trainer.world_size
@@ -300,6 +311,64 @@ class LatentActorCritic(L.LightningModule):
         """Wait for queued GPU work, so the ``perf/…`` timings measure it (a no-op on the CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _guarded_update(self, rollout: Rollout) -> dict[str, float]:
+        """:meth:`update`, skipped (weights, optimisers, reward statistics untouched) when anything is non-finite."""
+        hp = self.hparams
+        problem = nonfinite_inputs(rollout.rewards, rollout.log_probs, rollout.values, self.reward_names)
+        if not self._everywhere(problem is None) and problem is None:  # every process skips together
+            problem = "another process had non-finite rewards, log-probs or values"
+        untouched = True
+        if problem is None:
+            trainable = [*self.backbone.policy_parameters(),
+                         *(self.value_head.parameters() if self.value_head is not None else ())]
+            snapshot = TrainableSnapshot(trainable, self.actor_critic_optimizers(),
+                                         [self.reward_normalizer, self.estimator]) if hp.rollback_on_nonfinite else None
+            try:
+                metrics = self.update(rollout)
+                self.consecutive_bad = 0
+                return {**metrics, "fault/skipped": 0.0, "fault/skipped_iterations": float(self.skipped_iterations)}
+            except NonFiniteUpdate as err:
+                if snapshot is not None:
+                    snapshot.restore()
+                untouched, problem = snapshot is not None, str(err)
+        self.skipped_iterations += 1
+        self.consecutive_bad += 1
+        limit = hp.max_bad_iterations
+        kept = ", weights unchanged" if untouched else " (its earlier minibatch steps stand)"
+        self.print(f"[iteration {self.current_epoch}] update skipped{kept}: {problem} "
+                   f"({self.consecutive_bad} in a row; the run stops at {limit})")
+        if self.consecutive_bad >= limit:
+            self.consecutive_bad = 0
+            self.halt_reason = (f"{limit} consecutive iterations had non-finite values (last, iteration "
+                                f"{self.current_epoch}: {problem}); fix the reward or lower the learning rates, "
+                                "then resume")
+        return {"fault/skipped": 1.0, "fault/skipped_iterations": float(self.skipped_iterations)}
+
+    def _everywhere(self, ok: bool) -> bool:
+        """Whether ``ok`` holds in every process (so that all of them skip an update together)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return ok
+        return bool(self.trainer.strategy.reduce_boolean_decision(ok, all=True))
+
+    def _require_finite(self, value: float, message: str) -> None:
+        """Raise :class:`NonFiniteUpdate` (in every process) unless ``value`` is finite in every process."""
+        finite = math.isfinite(value)
+        if not self._everywhere(finite):
+            raise NonFiniteUpdate(message if not finite else f"{message} in another process")
+
+    def configure_callbacks(self):
+        """SIGTERM / Ctrl-C and a halt after non-finite iterations stop at an iteration's end with a checkpoint."""
+        return [GracefulStop()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add what exact resume needs beyond weights and optimisers (:mod:`lit_diffac.resume`)."""
+        checkpoint[CHECKPOINT_KEY] = training_state(self)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_compatible(self.state_dict(), checkpoint["state_dict"], str(getattr(self._trainer, "ckpt_path", "")))
+        if CHECKPOINT_KEY in checkpoint:
+            load_training_state(self, checkpoint[CHECKPOINT_KEY], rng=self._trainer is not None)  # not for inference
 
     def _needs_features(self) -> bool:
         return self.value_head is not None and self.hparams.critic_epochs > 0
@@ -356,13 +425,19 @@ class LatentActorCritic(L.LightningModule):
                 for opt in (actor_opt, critic_opt):
                     if opt is not None:
                         opt.zero_grad(set_to_none=True)
+                where = f"inner epoch {epoch}, minibatch {mb_start // hp.minibatch_size}"
+                self._require_finite(float(loss.detach()), f"loss is not finite ({where})")
                 self.manual_backward(loss)
                 if train_actor:
                     diag["train/actor_grad_norm"] = _clip(self.backbone.policy_parameters(), hp.max_grad_norm)
-                    actor_opt.step()
                 if critic_opt is not None:
                     diag["train/critic_grad_norm"] = _clip(list(self.value_head.parameters()),
                                                            hp.critic_max_grad_norm)
+                for key in ("train/actor_grad_norm", "train/critic_grad_norm"):
+                    self._require_finite(diag.get(key, 0.0), f"{key.split('/')[1]} is not finite ({where})")
+                if train_actor:
+                    actor_opt.step()
+                if critic_opt is not None:
                     critic_opt.step()
                 for key, value in diag.items():
                     sums.setdefault(key, []).append(float(value.detach()) if torch.is_tensor(value) else value)
@@ -391,8 +466,10 @@ class LatentActorCritic(L.LightningModule):
                                          self.sampler.timestep_fraction(k).to(self.device), rollout.embeds.pooled[i])
                 loss = value_loss(values, targets[i, k], rollout.values[i, k], hp.value_clip_range).loss
                 optimizer.zero_grad(set_to_none=True)
+                self._require_finite(float(loss.detach()), "extra critic epoch loss is not finite")
                 self.manual_backward(loss)
-                _clip(list(self.value_head.parameters()), hp.critic_max_grad_norm)
+                self._require_finite(_clip(list(self.value_head.parameters()), hp.critic_max_grad_norm),
+                                     "extra critic epoch gradient is not finite")
                 optimizer.step()
         return float(loss.detach())
 
@@ -522,6 +599,8 @@ def _check_config(**kw) -> None:
         problems.append(f"kl_coef must be >= 0 (got {kw['kl_coef']})")
     if kw["value_warmup_iters"] < 0:
         problems.append(f"value_warmup_iters must be >= 0 (got {kw['value_warmup_iters']})")
+    if kw["max_bad_iterations"] < 1:
+        problems.append(f"max_bad_iterations must be >= 1 (got {kw['max_bad_iterations']})")
     if kw["critic_epochs"] < 0:
         problems.append(f"critic_epochs must be >= 0 (got {kw['critic_epochs']})")
     if kw["critic_epochs"] and kw["value_gradient"] != "detached":

@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from lit_diffac.errors import RewardOutputError
+
 __all__ = ["Reward", "CallableReward", "as_reward", "RewardFn"]
 
 #: Signature of a plain reward function: ``fn(images [B,3,H,W] in [0,1], prompts, **metadata) -> [B]``.
@@ -44,7 +46,8 @@ class Reward(torch.nn.Module, abc.ABC):
 
     Calling the reward (:meth:`forward`) returns float32 scores ``[B]`` on the *input images'* device.
     Non-finite scores (NaN, ±inf) are passed through unchanged: the training loop decides how to treat
-    them (it masks and counts them), so a single failed sample does not abort scoring of the batch.
+    them (it skips that iteration's update and counts it in ``fault/skipped_iterations``; several in a row
+    stop the run with a checkpoint), so a single failed sample does not abort scoring of the batch.
     """
 
     #: Metric key used when no ``name`` is given.  Subclasses override it.
@@ -96,13 +99,14 @@ class Reward(torch.nn.Module, abc.ABC):
     def _check_output(self, scores: Any, n: int) -> Tensor:
         who = f"reward {self.name!r}"
         if not isinstance(scores, Tensor):
-            raise TypeError(f"{who}: score() must return a torch.Tensor of shape [{n}], "
-                            f"got {type(scores).__name__}")
+            raise RewardOutputError(f"{who}: score() must return a torch.Tensor of shape [{n}], "
+                                    f"got {type(scores).__name__}")
         if tuple(scores.shape) != (n,):
-            raise ValueError(f"{who}: score() must return shape [{n}] (one score per image), "
-                             f"got {list(scores.shape)}")
+            raise RewardOutputError(f"{who}: score() must return shape [{n}] (one score per image), "
+                                    f"got {list(scores.shape)}")
         if not scores.is_floating_point():
-            raise ValueError(f"{who}: score() must return a floating tensor, got {scores.dtype}")
+            raise RewardOutputError(f"{who}: score() must return a floating tensor, got {scores.dtype} "
+                                    "(convert it with .float())")
         return scores
 
     def forward(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:

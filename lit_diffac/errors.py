@@ -1,0 +1,53 @@
+"""Errors a user can fix: their message is the whole story (what went wrong and what to do).
+
+``lit-diffac`` prints such an error as one line, ``error: <message>``, and exits with status 2 (the table of
+them is ``docs/errors.md``).  Each class also derives from the built-in exception a Python caller would
+expect (``ValueError``, ``OSError``, ...), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointMismatchError",
+    "HubUnavailableError",
+    "LitDiffacError",
+    "PromptFileError",
+    "RewardOutputError",
+    "TrainingHalted",
+    "find_user_error",
+]
+
+
+class LitDiffacError(Exception):
+    """Base class: an error whose message names the problem and the fix (the CLI shows it as one line)."""
+
+
+class PromptFileError(LitDiffacError, ValueError):
+    """A prompt file that is empty, not UTF-8 text, or otherwise unusable."""
+
+
+class RewardOutputError(LitDiffacError, ValueError, TypeError):
+    """A reward returned something other than a float tensor of one score per image."""
+
+
+class CheckpointMismatchError(LitDiffacError, ValueError):
+    """A checkpoint written by a different model (another backbone, value head or reward set)."""
+
+
+class HubUnavailableError(LitDiffacError, OSError):
+    """A Hugging Face Hub id was named but the hub is offline or unreachable."""
+
+
+class TrainingHalted(LitDiffacError, RuntimeError):
+    """Training stopped on purpose (e.g. too many consecutive non-finite iterations); a checkpoint was saved."""
+
+
+def find_user_error(err: BaseException | None) -> LitDiffacError | None:
+    """The first :class:`LitDiffacError` in ``err``'s cause / context chain (``err`` itself included), if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, LitDiffacError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None

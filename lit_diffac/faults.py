@@ -1,0 +1,180 @@
+"""Fault handling for the RL modules: non-finite iterations are skipped, signals stop at an iteration boundary.
+
+* :func:`nonfinite_inputs` — which of an iteration's rewards, log-probs and values are NaN / ±inf;
+* :class:`NonFiniteUpdate` — raised inside an update when a loss or gradient norm is not finite;
+* :class:`TrainableSnapshot` — a copy of the trainable weights and optimiser states taken before an update,
+  restored when the update turns out non-finite (weights and optimiser state end as if it never ran);
+* :class:`GracefulStop` — a callback: SIGTERM or the first Ctrl-C lets the current iteration finish, writes
+  ``last.ckpt`` to the run's checkpoint folder (saying where) and stops; a module's ``halt_reason`` (set
+  after too many consecutive bad iterations) does the same and ends with :class:`~lit_diffac.errors.TrainingHalted`.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+
+from lit_diffac.errors import TrainingHalted
+
+
+class NonFiniteUpdate(Exception):
+    """A loss or gradient norm of an update was NaN / ±inf; the message says which."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Raised after a signal's checkpoint is written: Lightning shuts down as after Ctrl-C (exit status 1)."""
+
+
+def nonfinite_inputs(rewards: torch.Tensor, log_probs: torch.Tensor, values: torch.Tensor | None,
+                     reward_names: Sequence[str]) -> str | None:
+    """Describe the non-finite entries of an iteration's inputs, or ``None`` when all are finite.
+
+    Args:
+        rewards: ``[B, R]`` raw rewards.
+        log_probs: ``[B, K]`` rollout log-probs.
+        values: ``[B, K, V]`` rollout values, or ``None`` (no critic).
+        reward_names: the ``R`` reward names.
+
+    Returns:
+        e.g. ``"reward 'brightness' is not finite for 2/4 samples; log-prob is not finite for 1/40 steps"``.
+    """
+    problems = []
+    for j, name in enumerate(reward_names):
+        bad = (~torch.isfinite(rewards[:, j])).sum().item()
+        if bad:
+            problems.append(f"reward {name!r} is not finite for {bad}/{rewards.shape[0]} samples")
+    for label, tensor in (("log-prob", log_probs), ("value", values)):
+        if tensor is not None:
+            bad = (~torch.isfinite(tensor)).sum().item()
+            if bad:
+                problems.append(f"{label} is not finite for {bad}/{tensor.numel()} entries")
+    return "; ".join(problems) or None
+
+
+class TrainableSnapshot:
+    """Copies of trainable parameters and optimiser states, to undo an update.
+
+    Args:
+        parameters: the parameters an update may change.
+        optimizers: the optimisers that change them (``None`` entries are skipped).
+        stateful: other objects the update changes, with ``state_dict`` / ``load_state_dict`` (the reward
+            normaliser, a stateful advantage estimator); objects without them are skipped.
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], optimizers: Sequence[Any],
+                 stateful: Sequence[Any] = ()) -> None:
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.optimizers = [o for o in optimizers if o is not None]
+        self.weights = [p.detach().clone() for p in self.parameters]
+        self.states = [copy.deepcopy(_raw_optimizer(o).state_dict()) for o in self.optimizers]
+        self.stateful = [o for o in stateful if callable(getattr(o, "state_dict", None))
+                         and callable(getattr(o, "load_state_dict", None))]
+        self.others = [copy.deepcopy(o.state_dict()) for o in self.stateful]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every parameter and optimiser state back as it was when the snapshot was taken."""
+        for p, w in zip(self.parameters, self.weights):
+            p.copy_(w)
+            p.grad = None
+        for o, s in zip(self.optimizers, self.states):
+            _raw_optimizer(o).load_state_dict(s)
+        for o, s in zip(self.stateful, self.others):
+            o.load_state_dict(s)
+
+
+def _raw_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimiser behind Lightning's ``LightningOptimizer`` wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def checkpoint_dir(trainer: L.Trainer) -> Path:
+    """The run's checkpoint folder: the ModelCheckpoint's, else ``<log_dir or default_root_dir>/checkpoints``."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+        return Path(callback.dirpath)
+    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+
+class GracefulStop(Checkpoint):
+    """Stop at the end of an iteration with a resumable ``last.ckpt`` on SIGTERM, Ctrl-C or a module's halt.
+
+    The handlers are installed when training starts (after Lightning's own) and removed when it ends.  The
+    first SIGTERM / SIGINT only sets a flag; at the end of the current iteration (after the module's
+    epoch-end work and any ModelCheckpoint) the checkpoint is written and the run stops (exit status 1, as
+    after Ctrl-C).  A second Ctrl-C quits at once without saving.  A module attribute ``halt_reason``
+    (a string) stops the run the same way, raising :class:`~lit_diffac.errors.TrainingHalted`.
+
+    Args:
+        filename: checkpoint file name inside the run's checkpoint folder (``last.ckpt`` is what
+            ``--ckpt_path last`` finds).
+    """
+
+    def __init__(self, filename: str = "last.ckpt") -> None:
+        if not filename.endswith(".ckpt"):
+            raise ValueError(f"filename must end in .ckpt, got {filename!r}")
+        self.filename = filename
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def state_key(self) -> str:
+        return f"GracefulStop[{self.filename}]"
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: quit now
+        self.received = name
+        tip = " (Ctrl-C again quits now, without saving)" if signum == signal.SIGINT else ""
+        print(f"\n[{name}] stopping after this iteration to write a resumable checkpoint{tip}", file=sys.stderr,
+              flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received = None
+        if not _in_main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        halt = getattr(pl_module, "halt_reason", None)
+        signalled = self.received is not None
+        if trainer.world_size > 1:  # a signal may reach one process only: all stop together
+            signalled = bool(trainer.strategy.reduce_boolean_decision(signalled, all=False))
+        if not signalled and not halt:
+            return
+        self.received = self.received or "signal in another process"
+        path = checkpoint_dir(trainer) / self.filename
+        trainer.save_checkpoint(path)
+        where = f"saved a resumable checkpoint to {path.resolve()} (resume with --ckpt_path {path.resolve()})"
+        if halt:
+            raise TrainingHalted(f"{halt}; {where}")
+        print(f"[{self.received}] {where}", file=sys.stderr, flush=True)
+        raise RunInterrupted(self.received)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,117 @@
+"""Exact resume: the training state Lightning's checkpoint does not carry by itself, in a ``weights_only`` form.
+
+Lightning's checkpoint already holds the module's ``state_dict`` (policy / LoRA, critic, the reward
+normaliser's running statistics, which are buffers), both optimisers, the schedulers and the loop counters.
+An RL module additionally needs, to continue *bit for bit*:
+
+* ``samples_seen``, the held-out evaluation history (``summary.json``), the window of recent training
+  metrics (``summary.json``'s ``final_train``) and the fault counters;
+* the advantage estimator's own state (DDPO's per-prompt reward buffers);
+* the global random number generators (rollout and minibatch randomness is drawn from generators seeded
+  by (seed, iteration, rank) and needs none, but user code, dropout or a reward may use the global ones).
+
+Everything is stored as tensors, numbers, strings, lists and dicts, so checkpoints load with
+``torch.load(..., weights_only=True)``.  :func:`check_compatible` turns a checkpoint of another model into
+one clear error.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from lit_diffac.errors import CheckpointMismatchError
+
+#: Key of lit_diffac's own section in a Lightning checkpoint.
+CHECKPOINT_KEY = "lit_diffac"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global RNG states (torch CPU, every CUDA device, NumPy, Python) as ``weights_only``-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": list(internal), "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Set the global RNGs from :func:`capture_rng_state`'s output (CUDA only if it was saved and is present)."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def estimator_state(estimator: Any) -> dict[str, Any] | None:
+    """``estimator.state_dict()`` when the estimator keeps state across iterations, else ``None``."""
+    getter = getattr(estimator, "state_dict", None)
+    return getter() if callable(getter) else None
+
+
+def training_state(module: Any) -> dict[str, Any]:
+    """An RL module's resume state beyond its ``state_dict`` and optimisers (see the module docstring)."""
+    return {
+        "samples_seen": int(module.samples_seen),
+        "eval_history": [dict(e) for e in module.eval_history],
+        "recent_metrics": [dict(m) for m in module._recent],
+        "estimator": estimator_state(module.estimator),
+        "skipped_iterations": int(module.skipped_iterations),
+        "consecutive_bad": int(module.consecutive_bad),
+        "rng": capture_rng_state(),
+    }
+
+
+def load_training_state(module: Any, state: Mapping[str, Any], rng: bool = True) -> None:
+    """Put :func:`training_state`'s output back into ``module`` (and, if ``rng``, the global RNGs)."""
+    module.samples_seen = state["samples_seen"]
+    module.eval_history = [dict(e) for e in state["eval_history"]]
+    module._recent = [dict(m) for m in state["recent_metrics"]]
+    if state["estimator"] is not None:
+        module.estimator.load_state_dict(state["estimator"])
+    module.skipped_iterations, module.consecutive_bad = state["skipped_iterations"], state["consecutive_bad"]
+    if rng:
+        restore_rng_state(state["rng"])
+
+
+def check_compatible(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any], source: str,
+                     ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``found`` has ``expected``'s keys with the same shapes.
+
+    Args:
+        expected: the model's own ``state_dict()``.
+        found: the checkpoint's ``state_dict``.
+        source: the checkpoint's path (for the message).
+        ignore_prefixes: keys allowed to be missing from the checkpoint (e.g. ``"rewards."`` when sampling).
+    """
+    missing = [k for k in expected if k not in found and not k.startswith(ignore_prefixes)]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and torch.is_tensor(found[k])
+              and tuple(found[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"tensors missing: {len(missing)}, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"not in this model: {len(unexpected)}, e.g. {unexpected[0]}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"with another shape: {len(shapes)}, e.g. {k} {list(found[k].shape)} in the checkpoint vs "
+                     f"{list(expected[k].shape)} here")
+    raise CheckpointMismatchError(
+        f"checkpoint {source} was written by a different model ({'; '.join(parts)}). Use the recipe that wrote it "
+        "(its config.yaml sits next to the checkpoints/ folder), or start without this checkpoint")

@@ -1,0 +1,208 @@
+"""Fault handling: non-finite iterations are skipped with weights untouched; SIGTERM saves a resumable checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lit_diffac.backbones.dit import DiTBackbone
+from lit_diffac.errors import TrainingHalted
+from lit_diffac.faults import NonFiniteUpdate, TrainableSnapshot, nonfinite_inputs
+from lit_diffac.modules import LatentActorCritic
+from lit_diffac.rewards.base import CallableReward
+from lit_diffac.samplers import FlowSDESampler
+
+TESTS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS_DIR))
+from helpers_faults import write_tiny_recipe  # noqa: E402
+REPO = TESTS_DIR.parent
+
+
+def nan_at(iteration: int):
+    """Brightness, NaN for one sample of training iteration ``iteration`` (training calls have 4 images)."""
+    calls = {"n": 0}
+
+    def reward(images, prompts, **_):
+        out = images.mean(dim=(1, 2, 3))
+        if len(prompts) == 4:
+            if calls["n"] == iteration:
+                out[1] = float("nan")
+            calls["n"] += 1
+        return out
+    return reward
+
+
+def make(pipeline, reward, **kw):
+    L.seed_everything(0)
+    return LatentActorCritic(backbone=DiTBackbone(str(pipeline)), rewards=[CallableReward(reward, name="r")],
+                             sampler=FlowSDESampler(num_steps=4), batch_size=4, minibatch_size=8,
+                             eval_samples_per_prompt=1, eval_prompts=["the digit 1", "the number two"],
+                             train_prompts=["a 1", "a 2"], clip_range=1e-2, actor_lr=1e-3, **kw)
+
+
+class StateLog(Callback):
+    """Weights and optimiser states at the start and end of every iteration, and the logged metrics."""
+
+    def __init__(self) -> None:
+        self.start, self.end, self.metrics = [], [], []
+
+    @staticmethod
+    def _state(module):
+        weights = {k: v.clone() for k, v in module.state_dict().items()}
+        opts = [{i: {k: t.clone() for k, t in s.items()} for i, s in o.state_dict()["state"].items()}
+                for o in module.trainer.optimizers]
+        return weights, opts
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.start.append(self._state(module))
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.end.append(self._state(module))
+        self.metrics.append(dict(module.last_metrics))
+
+
+def same(a, b) -> bool:
+    (wa, oa), (wb, ob) = a, b
+    return all(torch.equal(wa[k], wb[k]) for k in wa) and all(
+        torch.equal(x[i][k], y[i][k]) for x, y in zip(oa, ob) for i in x for k in x[i])
+
+
+def trainer_for(tmp_path, epochs, *callbacks):
+    return L.Trainer(max_epochs=epochs, logger=False, accelerator="cpu", enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path,
+                     callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), *callbacks])
+
+
+def test_nan_reward_skips_the_iteration_and_the_run_goes_on(toy_pipelines, tmp_path, capsys):
+    module = make(toy_pipelines["dit"], nan_at(1))
+    log = StateLog()
+    trainer_for(tmp_path, 3, log).fit(module)
+    assert same(log.start[1], log.end[1])          # iteration 1 (NaN reward): weights and Adam state untouched
+    assert not same(log.start[0], log.end[0]) and not same(log.start[2], log.end[2])  # the others update
+    assert [m["fault/skipped"] for m in log.metrics] == [0.0, 1.0, 0.0]
+    assert log.metrics[-1]["fault/skipped_iterations"] == 1.0
+    assert module.reward_normalizer.stats.count.item() == 8  # the NaN batch never reached the statistics
+    assert "[iteration 1] update skipped, weights unchanged: reward 'r' is not finite for 1/4 samples" \
+        in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rollback", [True, False])
+def test_nonfinite_loss_mid_update_rolls_the_whole_iteration_back(toy_pipelines, tmp_path, rollback):
+    module = make(toy_pipelines["dit"], nan_at(-1), rollback_on_nonfinite=rollback)
+    log = StateLog()
+    original = module.forward_step
+    calls = {"n": 0}
+
+    def second_minibatch_nan(*args, **kwargs):  # the first minibatch steps, the second has a NaN log-prob
+        log_prob, values = original(*args, **kwargs)
+        calls["n"] += 1
+        return (log_prob * float("nan"), values) if calls["n"] == 2 else (log_prob, values)
+
+    module.forward_step = second_minibatch_nan
+    trainer_for(tmp_path, 1, log).fit(module)
+    assert calls["n"] == 2                         # the update stopped at the bad minibatch...
+    assert log.metrics[0]["fault/skipped"] == 1.0
+    if rollback:                                   # ...and the first minibatch's step was undone
+        assert same(log.start[0], log.end[0])
+        assert module.reward_normalizer.stats.count.item() == 0
+    else:                                          # without the copy, only the rest of the update is skipped
+        assert not same(log.start[0], log.end[0])
+
+
+def test_consecutive_bad_iterations_stop_with_a_checkpoint(toy_pipelines, tmp_path):
+    module = make(toy_pipelines["dit"], lambda images, prompts, **_: torch.full((len(prompts),), float("nan")),
+                  max_bad_iterations=2)
+    with pytest.raises(TrainingHalted, match=r"2 consecutive iterations had non-finite values .*reward 'r' is not "
+                                             r"finite for 4/4 samples.*saved a resumable checkpoint to .*last.ckpt"):
+        trainer_for(tmp_path, 5).fit(module)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert state["epoch"] == 1 and state["lit_diffac"]["skipped_iterations"] == 2
+
+
+def test_nonfinite_inputs_and_snapshot_units():
+    assert nonfinite_inputs(torch.ones(2, 1), torch.zeros(2, 3), None, ["a"]) is None
+    message = nonfinite_inputs(torch.tensor([[1.0], [float("inf")]]), torch.tensor([[float("nan"), 0.0]]),
+                               torch.zeros(1, 2, 1), ["a"])
+    assert message == "reward 'a' is not finite for 1/2 samples; log-prob is not finite for 1/2 entries"
+    layer = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(layer.parameters())
+    layer(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    before = [p.clone() for p in layer.parameters()], {k: v.clone() for k, v in opt.state[layer.weight].items()}
+    snapshot = TrainableSnapshot(layer.parameters(), [opt])
+    layer(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    snapshot.restore()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], layer.parameters()))
+    assert all(torch.equal(before[1][k], opt.state[layer.weight][k]) for k in before[1])
+    assert issubclass(NonFiniteUpdate, Exception)
+
+
+def test_max_bad_iterations_is_validated(toy_pipelines):
+    with pytest.raises(ValueError, match=r"max_bad_iterations must be >= 1 \(got 0\)"):
+        make(toy_pipelines["dit"], nan_at(-1), max_bad_iterations=0)
+
+
+# ------------------------------------------------------------------------------------- SIGTERM, end to end
+
+def run_cli(cwd: Path, args: list[str], sigterm_at: int | None = None,
+            signal_name: str = "SIGTERM") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "LIT_DIFFAC_TEST_SIGNAL": signal_name}
+    env.pop("LIT_DIFFAC_TEST_SIGTERM_AT", None)
+    if sigterm_at is not None:
+        env["LIT_DIFFAC_TEST_SIGTERM_AT"] = str(sigterm_at)
+    return subprocess.run([sys.executable, "-m", "lit_diffac", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_to_the_same_result(toy_pipelines, tmp_path, monkeypatch,
+                                                                            capsys):
+    from lit_diffac.cli import main
+
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+    monkeypatch.delenv("LIT_DIFFAC_TEST_SIGTERM_AT", raising=False)
+    recipe = write_tiny_recipe(tmp_path, toy_pipelines)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    whole.mkdir(), split.mkdir()
+    monkeypatch.chdir(whole)
+    assert main(["run", str(recipe)]) == 0  # the uninterrupted reference, in this process (1 thread, as below)
+
+    killed = run_cli(split, ["run", str(recipe)], sigterm_at=1)  # a process: SIGTERM while scoring iteration 1
+    ckpt = split / "runs" / "tiny_rl" / "version_0" / "checkpoints" / "last.ckpt"
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert f"[SIGTERM] saved a resumable checkpoint to {ckpt.resolve()}" in killed.stderr
+    assert not (split / "runs" / "tiny_rl" / "version_0" / "summary.json").exists()  # it did stop early
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1  # iteration 1 was finished, then saved
+
+    monkeypatch.chdir(split)
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--ckpt_path", "last"]) == 0
+    assert f"resume: continuing {ckpt.resolve()}" in capsys.readouterr().err
+    assert not (split / "runs" / "tiny_rl" / "version_1").exists()  # same run folder, logs continue
+    a, b = (json.loads((d / "runs" / "tiny_rl" / "version_0" / "summary.json").read_text()) for d in (whole, split))
+    for key in ("iterations", "samples_seen", "base", "final", "final_train", "eval_history"):
+        assert a[key] == b[key], key
+    wa, wb = (torch.load(d / "runs" / "tiny_rl" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+              for d in (whole, split))
+    assert wa["epoch"] == wb["epoch"] == 3  # saved at the end of the last iteration (index 3)
+    assert all(torch.equal(wa["state_dict"][k], wb["state_dict"][k]) for k in wa["state_dict"])
+
+
+def test_ctrl_c_mid_run_saves_a_checkpoint(toy_pipelines, tmp_path):
+    recipe = write_tiny_recipe(tmp_path, toy_pipelines)
+    killed = run_cli(tmp_path, ["run", str(recipe)], sigterm_at=0, signal_name="SIGINT")
+    ckpt = tmp_path / "runs" / "tiny_rl" / "version_0" / "checkpoints" / "last.ckpt"
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert "[SIGINT] stopping after this iteration to write a resumable checkpoint (Ctrl-C again quits now" \
+        in killed.stderr
+    assert f"[SIGINT] saved a resumable checkpoint to {ckpt.resolve()}" in killed.stderr
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
