@@ -205,6 +205,15 @@ class LitDiffacCLI(LightningCLI):
             sys.stderr.write(f"error: {cause}\n")
             raise SystemExit(2) from None
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]):
+        """``--trainer.enable_progress_bar=false`` also drops a progress bar the recipe lists in
+        ``trainer.callbacks`` (Lightning would refuse the combination)."""
+        if config.get("enable_progress_bar") is False and isinstance(config.get("callbacks"), list):
+            from lightning.pytorch.callbacks import ProgressBar
+
+            config["callbacks"] = [c for c in config["callbacks"] if not isinstance(c, ProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``vars``: free recipe variables for ``${vars.name}`` interpolation (used by no class)."""
         parser.add_argument(

@@ -185,3 +185,19 @@ def test_tensorboard_event_file_has_the_grid_and_the_eval_scalars(dit_backbone, 
     assert [e.step for e in events.Scalars("eval/digit_alignment")] == [0, 1, 2, 2]  # module base/final + callback
     out = capsys.readouterr().out
     assert "iteration 2/2" in out and "reward=" in out and "approx_kl=" in out and "ev=" in out
+
+
+def test_recipe_callbacks_from_the_cli(tmp_path, monkeypatch, capsys):
+    """The main recipe's callbacks through ``lit-diffac run``: the progress bar shows iteration, reward, approx_kl
+    and explained variance; ``--trainer.enable_progress_bar=false`` drops it instead of failing."""
+    from lit_diffac.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "toy" / "actor_critic_dit.yaml"
+    tiny = ["--trainer.max_epochs=1", "--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20",
+            "--model.init_args.eval_samples_per_prompt=1", "--trainer.enable_model_summary=false"]
+    assert main(["run", str(recipe), *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "iteration 1/1" in out and all(f"{k}=" in out for k in ("reward", "approx_kl", "ev"))
+    assert main(["run", str(recipe), *tiny, "--trainer.enable_progress_bar=false"]) == 0
+    assert "iteration 1/1" not in capsys.readouterr().out
