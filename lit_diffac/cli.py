@@ -107,6 +107,9 @@ EXTRA_COMMANDS["sample"] = lazy_command(
 EXTRA_COMMANDS["toy-eval"] = lazy_command(
     "lit_diffac.evaluation:toy_eval_main",
     "report the toy world's figures: judge accuracy and each base model's held-out alignment")
+EXTRA_COMMANDS["export"] = lazy_command(
+    "lit_diffac.export:export_main",
+    "write a checkpoint's policy (LoRA, merged or full weights, diffusers format) and critic as safetensors")
 EXTRA_COMMANDS["convert-reward"] = lazy_command("lit_diffac.rewards.convert:convert_reward_main", "convert an official reward checkpoint (HPSv2, ImageReward) into a safetensors folder, offline")
 
 
