@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from lit_diffac.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--trainer.max_epochs=1", "--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20",
         "--model.init_args.eval_samples_per_prompt=1", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false"]
+
+
+def readme_block(marker: str) -> str:
+    """The fenced code block right after ``<!-- test: marker -->`` in the README."""
+    match = re.search(rf"<!-- test: {marker} -->\n```\w+\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert match, f"README.md has no block marked {marker!r}"
+    return match.group(1)
 
 
 def train(recipe: str, *overrides: str) -> Path:
@@ -47,21 +53,25 @@ def test_full_fine_tune_exports_a_pipeline_plain_diffusers_loads(tmp_path, monke
     from lit_diffac.sampling import load_module
 
     monkeypatch.chdir(tmp_path)
-    ckpt = train("actor_critic_dit.yaml")
+    ckpt = train("actor_critic_dit.yaml")  # the README's main job, tiny: runs/actor_critic_dit/version_0/...
     capsys.readouterr()
-    assert main(["export", "--ckpt", str(ckpt), "--out", "exported"]) == 0  # recipe: the run's config.yaml
+    command = shlex.split(readme_block("export-command"))
+    assert command[:2] == ["lit-diffac", "export"] and Path(command[command.index("--ckpt") + 1]) == ckpt
+    assert main(command[1:]) == 0  # as written in the README (recipe: the run's config.yaml)
     printed = capsys.readouterr().out
     assert "pipeline: " in printed and "value_head: " in printed and "lora" not in printed
     module = load_module(str(ROOT / "recipes" / "toy" / "actor_critic_dit.yaml"), str(ckpt))
     trained = module.backbone.denoiser.state_dict()
-    exported = SD3Transformer2DModel.from_pretrained("exported/pipeline", subfolder="transformer")
-    assert exported.state_dict().keys() == trained.keys()
+    namespace: dict = {}
+    exec(readme_block("export-load"), namespace)  # the README's loading example, plain diffusers
+    exported = namespace["transformer"]
+    assert isinstance(exported, SD3Transformer2DModel) and exported.state_dict().keys() == trained.keys()
     assert all(torch.equal(exported.state_dict()[k], trained[k]) for k in trained)
     base = SD3Transformer2DModel.from_pretrained(resolve_pretrained("toy-dit"), subfolder="transformer")
     assert any(not torch.equal(base.state_dict()[k], trained[k]) for k in trained)  # one iteration did train
     base_dir = Path(resolve_pretrained("toy-dit"))
     assert sorted(p.name for p in Path("exported/pipeline").iterdir()) == sorted(p.name for p in base_dir.iterdir())
-    head = load_file("exported/value_head.safetensors")
+    head = namespace["critic"]
     assert head.keys() == module.value_head.state_dict().keys()
     assert all(torch.equal(head[k], v) for k, v in module.value_head.state_dict().items())
     manifest = json.loads(Path("exported/export.json").read_text())
