@@ -10,7 +10,7 @@ checkpoint is read with ``weights_only=True``.  Written (all weights as safetens
     OUT/pipeline/                               a fully fine-tuned policy, or a LoRA merged into its base
                                                 (``--merge``): the base pipeline folder with the trained
                                                 ``unet/`` or ``transformer/`` (``from_pretrained("OUT/pipeline")``)
-    OUT/value_head.safetensors                  the critic head (:func:`lit_diffac.value_heads.load_value_head`)
+    OUT/value_head.safetensors                  the critic head (lit_diffac.value_heads.load_value_head)
     OUT/export.json                             what was written, from which checkpoint, recipe and base model
 """
 
@@ -156,7 +156,9 @@ def export_main(argv: list[str]) -> int:
     """write a checkpoint's policy (LoRA, merged or full weights, diffusers format) and critic as safetensors"""
     from lit_diffac.sampling import load_module
 
-    parser = argparse.ArgumentParser(prog="lit-diffac export", description=__doc__.splitlines()[0])
+    layout = __doc__[__doc__.index("    OUT/lora"):].rstrip().replace("``", "")
+    parser = argparse.ArgumentParser(prog="lit-diffac export", description=export_main.__doc__,
+                                     epilog=f"written:\n{layout}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint (e.g. runs/.../checkpoints/last.ckpt)")
     parser.add_argument("--config", default=None,
                         help="the recipe that trained it (default: config.yaml of the checkpoint's run folder)")
