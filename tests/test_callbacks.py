@@ -116,6 +116,15 @@ def test_callbacks_name_the_module_they_need():
         SampleGrid(every_n_steps=-1)
 
 
+def test_sample_grid_writes_the_chosen_rewards_under_the_images(dit_backbone, digit_reward):
+    module = tiny_module(dit_backbone, digit_reward)
+    plain = np.asarray(SampleGrid(num_prompts=2, rewards=[]).draw(module))
+    captioned = np.asarray(SampleGrid(num_prompts=2).draw(module))  # default: the training rewards
+    assert plain.shape[1] == captioned.shape[1] and captioned.shape[0] > plain.shape[0]  # one more text line
+    with pytest.raises(ValueError, match=r"rewards \['nope'\] are not among the module's rewards"):
+        SampleGrid(rewards=["nope"]).draw(module)
+
+
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory) -> Path:
     """A tiny random CLIPModel saved with its tokenizer and image processor (like a hub download)."""

@@ -1,7 +1,7 @@
 """Sample grids: the same prompts and seeds every time, so a user sees the policy change.
 
 Each tile is one sample (upscaled with nearest-neighbour to at least ``min_tile`` pixels wide), with its
-prompt and reward written underneath in PIL's default font.  The grid goes to every TensorBoard logger
+prompt and rewards written underneath in PIL's default font.  The grid goes to every TensorBoard logger
 (``add_image``, tag ``samples/grid``) and, with ``save_png``, to ``<png_dir>/iteration_<N>.png``.
 """
 
@@ -93,8 +93,8 @@ class SampleGrid(PeriodicCallback):
         num_prompts: how many default prompts to take.
         samples_per_prompt: samples of each prompt (one row-major run of tiles each).
         seed: seed of the noise (the same every time).
-        reward: name of the reward written under each image (default: the module's first reward);
-            ``"none"`` writes only the prompt.
+        rewards: names of the rewards written under each image, one line each (default: the module's
+            training rewards; ``[]``: only the prompt).  The module's ``eval_rewards`` may be named too.
         columns: tiles per row.
         min_tile: tiles are upscaled to at least this many pixels wide.
         tag: TensorBoard tag.
@@ -104,7 +104,8 @@ class SampleGrid(PeriodicCallback):
     """
 
     def __init__(self, every_n_steps: int = 50, prompts: PromptSource | None = None, num_prompts: int = 8,
-                 samples_per_prompt: int = 1, seed: int = EVAL_SEED, reward: str | None = None, columns: int = 8,
+                 samples_per_prompt: int = 1, seed: int = EVAL_SEED, rewards: Sequence[str] | None = None,
+                 columns: int = 8,
                  min_tile: int = 128, tag: str = "samples/grid", save_png: bool = False, png_dir: str | None = None,
                  at_start: bool = True, at_end: bool = True) -> None:
         super().__init__(every_n_steps=every_n_steps, at_start=at_start, at_end=at_end)
@@ -117,7 +118,7 @@ class SampleGrid(PeriodicCallback):
         self.num_prompts = num_prompts
         self.samples_per_prompt = samples_per_prompt
         self.seed = seed
-        self.reward = reward
+        self.rewards = list(rewards) if rewards is not None else None
         self.columns = columns
         self.min_tile = min_tile
         self.tag = tag
@@ -135,30 +136,27 @@ class SampleGrid(PeriodicCallback):
         count = min(self.num_prompts, len(pool))
         return [pool[i * len(pool) // count] for i in range(count)]
 
-    def resolve_reward(self, pl_module: L.LightningModule):
-        """The reward written under each image, or ``None``."""
-        if self.reward == "none":
-            return None
-        rewards = [*getattr(pl_module, "rewards", []), *getattr(pl_module, "eval_rewards", [])]
-        if self.reward is None:
-            return rewards[0] if rewards else None
-        match = [r for r in rewards if r.name == self.reward]
-        if not match:
-            raise ValueError(f"SampleGrid: reward {self.reward!r} is not one of the module's rewards "
-                             f"{[r.name for r in rewards]} (or use 'none')")
-        return match[0]
+    def resolve_rewards(self, pl_module: L.LightningModule) -> list:
+        """The rewards written under each image."""
+        if self.rewards is None:
+            return list(getattr(pl_module, "rewards", []))
+        available = {r.name: r for r in [*getattr(pl_module, "rewards", []), *getattr(pl_module, "eval_rewards", [])]}
+        unknown = [name for name in self.rewards if name not in available]
+        if unknown:
+            raise ValueError(f"SampleGrid: rewards {unknown} are not among the module's rewards {sorted(available)}")
+        return [available[name] for name in self.rewards]
 
     @torch.no_grad()
     def draw(self, pl_module: L.LightningModule) -> Image.Image:
         """Generate the fixed samples with the current policy and return the annotated grid."""
         backbone, sampler = policy_parts(pl_module, type(self).__name__)
+        rewards = self.resolve_rewards(pl_module)
         prompts = expand_prompts(self.resolve_prompts(pl_module), self.samples_per_prompt)
         images = generate(backbone, sampler, prompts, seed=self.seed, device=pl_module.device)
-        reward = self.resolve_reward(pl_module)
         captions = list(prompts)
-        if reward is not None:
+        for reward in rewards:
             scores = reward(images, prompts).tolist()
-            captions = [f"{p}\n{reward.name} {s:.3f}" for p, s in zip(prompts, scores)]
+            captions = [f"{c}\n{reward.name} {s:.3f}" for c, s in zip(captions, scores)]
         return annotate_grid(images, captions, columns=self.columns, min_tile=self.min_tile)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, label: str) -> None:
