@@ -108,6 +108,9 @@ EXTRA_COMMANDS["sample"] = lazy_command(
 EXTRA_COMMANDS["toy-eval"] = lazy_command(
     "lit_diffac.evaluation:toy_eval_main",
     "report the toy world's figures: judge accuracy and each base model's held-out alignment")
+EXTRA_COMMANDS["export"] = lazy_command(
+    "lit_diffac.export:export_main",
+    "write a checkpoint's policy (LoRA, merged or full weights, diffusers format) and critic as safetensors")
 EXTRA_COMMANDS["convert-reward"] = lazy_command("lit_diffac.rewards.convert:convert_reward_main", "convert an official reward checkpoint (HPSv2, ImageReward) into a safetensors folder, offline")
 
 
@@ -206,6 +209,15 @@ class LitDiffacCLI(LightningCLI):
                 raise
             sys.stderr.write(f"error: {cause}\n")
             raise SystemExit(2) from None
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]):
+        """``--trainer.enable_progress_bar=false`` also drops a progress bar the recipe lists in
+        ``trainer.callbacks`` (Lightning would refuse the combination)."""
+        if config.get("enable_progress_bar") is False and isinstance(config.get("callbacks"), list):
+            from lightning.pytorch.callbacks import ProgressBar
+
+            config["callbacks"] = [c for c in config["callbacks"] if not isinstance(c, ProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``vars``: free recipe variables for ``${vars.name}`` interpolation (used by no class)."""

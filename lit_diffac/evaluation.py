@@ -56,13 +56,29 @@ def evaluate(backbone: DiffusionBackbone, sampler: Sampler, prompts: Sequence[st
 
     A reward with an ``accuracy(images, prompts)`` method (e.g. the toy digit alignment) also reports it.
     """
-    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    expanded = expand_prompts(prompts, samples_per_prompt)
     images = generate(backbone, sampler, expanded, seed=seed, cfg_scale=cfg_scale, device=device)
+    return score_images(images, expanded, rewards)
+
+
+def expand_prompts(prompts: Sequence[str], samples_per_prompt: int) -> list[str]:
+    """Each prompt repeated ``samples_per_prompt`` times in a row (the held-out evaluation's order)."""
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1 (got {samples_per_prompt})")
+    return [p for p in prompts for _ in range(samples_per_prompt)]
+
+
+@torch.no_grad()
+def score_images(images: torch.Tensor, prompts: Sequence[str], rewards: Sequence,
+                 prefix: str = "eval/") -> dict[str, float]:
+    """``{prefix + reward.name: mean score}`` of ``images [N, 3, H, W]`` for ``prompts``, plus
+    ``{prefix + reward.name + "_accuracy": ...}`` for rewards with an ``accuracy(images, prompts)`` method."""
+    prompts = list(prompts)
     out = {}
     for reward in rewards:
-        out[f"eval/{reward.name}"] = reward(images, expanded).mean().item()
+        out[f"{prefix}{reward.name}"] = reward(images, prompts).mean().item()
         if hasattr(reward, "accuracy"):
-            out[f"eval/{reward.name}_accuracy"] = reward.accuracy(images, expanded).mean().item()
+            out[f"{prefix}{reward.name}_accuracy"] = reward.accuracy(images, prompts).mean().item()
     return out
 
 
