@@ -396,9 +396,10 @@ class DiffusionBackbone(nn.Module, abc.ABC):
             with self.taps.recording(), self._autocast(latents.device):
                 prediction = self._denoise(latents, timesteps, embeds)
             return BackboneOutput(prediction=prediction.float(), features=self.taps.pop())
-        from lit_diffac.backbones.lora import active_adapters
+        from lit_diffac.backbones.lora import active_adapters, adapters_disabled
 
-        policy = ["policy"] if self.lora_rank else []
+        # the policy adapter, unless adapters are disabled (the KL reference policy: the base model)
+        policy = ["policy"] if self.lora_rank and not adapters_disabled(self.denoiser) else []
         with active_adapters(self.denoiser, policy), self._autocast(latents.device):
             prediction = self._denoise(latents, timesteps, embeds)
         with active_adapters(self.denoiser, ["critic"]), self.taps.recording(stop_early=True), \

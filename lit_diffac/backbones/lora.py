@@ -64,14 +64,25 @@ def _set_active(denoiser: nn.Module, names: list[str]) -> None:
                     p.requires_grad_(True)
 
 
+def adapters_disabled(denoiser: nn.Module) -> bool:
+    """Whether the adapters are switched off (``denoiser.disable_adapters()``: the reference policy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next((m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)), None)
+    return layer is not None and bool(layer.disable_adapters)
+
+
 @contextlib.contextmanager
 def active_adapters(denoiser: nn.Module, names: list[str]):
-    """Within the block only the adapters ``names`` act (``[]``: the base model); the policy adapter after."""
+    """Within the block only the adapters ``names`` act (``[]``: the base model); the previous state after.
+
+    The previous state is the policy adapter alone, or no adapter when they were disabled.
+    """
+    restore = [] if adapters_disabled(denoiser) or "policy" not in adapter_names(denoiser) else ["policy"]
     _set_active(denoiser, names)
     try:
         yield
     finally:
-        restore = ["policy"] if "policy" in adapter_names(denoiser) else []
         _set_active(denoiser, restore)
 
 
@@ -80,4 +91,4 @@ def lora_parameter_count(denoiser: nn.Module, adapter: str) -> int:
     return sum(p.numel() for n, p in denoiser.named_parameters() if f".{adapter}." in n and "lora_" in n)
 
 
-__all__ = ["DEFAULT_TARGETS", "apply_lora", "active_adapters", "adapter_names", "lora_parameter_count"]
+__all__ = ["DEFAULT_TARGETS", "apply_lora", "active_adapters", "adapter_names", "adapters_disabled", "lora_parameter_count"]

@@ -42,7 +42,7 @@ class ValuePretraining(LatentActorCritic):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return torch.optim.AdamW(self.value_head.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
+        return torch.optim.AdamW(self.critic_parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
                                  weight_decay=hp.weight_decay)
 
     def actor_critic_optimizers(self):
