@@ -81,10 +81,11 @@ def sd15_components(sample_size: int = 8, seed: int = 0) -> dict:
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def sd3_components(sample_size: int = 8, seed: int = 0, with_t5: bool = True) -> dict:
+def sd3_components(sample_size: int = 8, seed: int = 0, with_t5: bool = True, num_layers: int = 24) -> dict:
     """Random SD3-architecture components (keyword arguments of ``StableDiffusion3Pipeline``).
 
     CLIP widths 32 + 32 concatenate to 64 = ``joint_attention_dim`` = the T5 width; pooled 32 + 32 = 64.
+    24 transformer blocks (as SD3.5-Medium), so the paper's value-head taps 7 / 15 / 23 exist.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -100,7 +101,7 @@ def sd3_components(sample_size: int = 8, seed: int = 0, with_t5: bool = True) ->
                                              num_heads=2, decoder_start_token_id=0, pad_token_id=0,
                                              eos_token_id=1)) if with_t5 else None
     transformer = SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
+        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
         pos_embed_max_size=sample_size)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),

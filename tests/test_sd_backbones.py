@@ -85,8 +85,9 @@ def test_bad_unet_taps_fail_clearly(sd_pipelines, tap):
 
 
 def test_dit_taps_out_of_range_fail_clearly(sd_pipelines):
-    with pytest.raises(ValueError, match="out of range: this transformer has 4 blocks"):
-        DiTBackbone(str(sd_pipelines["sd3"]), feature_taps=[7, 15, 23])
+    DiTBackbone(str(sd_pipelines["sd3"]), feature_taps=[7, 15, 23])  # SD3.5-M's taps: the tiny model has 24 blocks
+    with pytest.raises(ValueError, match="out of range: this transformer has 24 blocks"):
+        DiTBackbone(str(sd_pipelines["sd3"]), feature_taps=[7, 24])
 
 
 # ------------------------------------------------------------------------------------------ loading
