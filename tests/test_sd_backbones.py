@@ -262,3 +262,13 @@ def test_negative_prompt_is_the_unconditional_branch(sd_pipelines):
     u, c = backbone(x0, t, neg).prediction, backbone(x0, t, blurry.embeds).prediction
     guided, _ = denoise(backbone, x0, t, blurry.embeds, 3.0, neg)
     torch.testing.assert_close(guided, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_wrap_policy_wraps_one_unit_per_block(sd_pipelines):
+    from lit_diffac.distributed import diffusion_block_wrap_policy
+
+    dit = DiTBackbone(str(sd_pipelines["sd3"])).denoiser
+    unet = UNetBackbone(str(sd_pipelines["sd15"])).denoiser
+    assert sum(diffusion_block_wrap_policy(m, False, 0) for m in dit.modules()) == 24
+    assert sum(diffusion_block_wrap_policy(m, False, 0) for m in unet.modules()) == 2 + 1 + 2  # down, mid, up
+    assert diffusion_block_wrap_policy(dit, True, 0)  # recursion always continues

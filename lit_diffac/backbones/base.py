@@ -390,7 +390,8 @@ class DiffusionBackbone(nn.Module, abc.ABC):
         same pass as the prediction (hooks).  With one (``critic_lora_rank > 0``) a second, partial pass
         with only the critic adapter active (the policy adapter off) yields the features: value gradients
         then reach only the critic adapter and the policy's output is exactly that of the policy adapter.
-        It costs a forward up to the last tap (and its backward) per step.
+        It costs a forward up to the last tap (and its backward) per step, whose activations are kept (no
+        gradient checkpointing in that pass).
         """
         if not self.critic_lora_rank:
             with self.taps.recording(), self._autocast(latents.device):
@@ -402,8 +403,10 @@ class DiffusionBackbone(nn.Module, abc.ABC):
         policy = ["policy"] if self.lora_rank and not adapters_disabled(self.denoiser) else []
         with active_adapters(self.denoiser, policy), self._autocast(latents.device):
             prediction = self._denoise(latents, timesteps, embeds)
-        with active_adapters(self.denoiser, ["critic"]), self.taps.recording(stop_early=True), \
-                self._autocast(latents.device):
+        # No gradient checkpointing in the critic pass: a recomputation during backward would run with the
+        # adapter active then (the policy's), not the critic's.
+        with active_adapters(self.denoiser, ["critic"]), _no_checkpointing(self.denoiser), \
+                self.taps.recording(stop_early=True), self._autocast(latents.device):
             self._denoise(latents, timesteps, embeds)
         return BackboneOutput(prediction=prediction.float(), features=self.taps.pop())
 
@@ -428,6 +431,19 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     def critic_parameters(self) -> list[nn.Parameter]:
         """The critic adapter's weights (empty without ``critic_lora_rank``); the critic optimiser updates them."""
         return [p for n, p in self.denoiser.named_parameters() if ".critic." in n]
+
+
+@contextlib.contextmanager
+def _no_checkpointing(denoiser: nn.Module):
+    """Switch diffusers' gradient checkpointing off inside the block (and back on after, if it was on)."""
+    was_on = getattr(denoiser, "is_gradient_checkpointing", False)
+    if was_on:
+        denoiser.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if was_on:
+            denoiser.enable_gradient_checkpointing()
 
 
 def _frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
