@@ -114,21 +114,22 @@ def sd3_components(sample_size: int = 8, seed: int = 0, with_t5: bool = True, nu
                 tokenizer_3=tokenizer_3, scheduler=scheduler)
 
 
-def save_sd15_pipeline(folder: str | Path, seed: int = 0) -> Path:
+def save_sd15_pipeline(folder: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
     """Write a tiny random SD1.5-format pipeline folder with ``StableDiffusionPipeline.save_pretrained``."""
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
-    StableDiffusionPipeline(**sd15_components(seed=seed)).save_pretrained(folder, safe_serialization=True)
+    StableDiffusionPipeline(**sd15_components(sample_size=sample_size, seed=seed)).save_pretrained(
+        folder, safe_serialization=True)
     return folder
 
 
-def save_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = True) -> Path:
+def save_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = True, sample_size: int = 8) -> Path:
     """Write a tiny random SD3-format pipeline folder with ``StableDiffusion3Pipeline.save_pretrained``."""
     from diffusers import StableDiffusion3Pipeline
 
     folder = Path(folder)
-    StableDiffusion3Pipeline(**sd3_components(seed=seed, with_t5=with_t5)).save_pretrained(
+    StableDiffusion3Pipeline(**sd3_components(sample_size=sample_size, seed=seed, with_t5=with_t5)).save_pretrained(
         folder, safe_serialization=True)
     return folder
 
