@@ -272,3 +272,23 @@ def test_fsdp_wrap_policy_wraps_one_unit_per_block(sd_pipelines):
     assert sum(diffusion_block_wrap_policy(m, False, 0) for m in dit.modules()) == 24
     assert sum(diffusion_block_wrap_policy(m, False, 0) for m in unet.modules()) == 2 + 1 + 2  # down, mid, up
     assert diffusion_block_wrap_policy(dit, True, 0)  # recursion always continues
+
+
+def test_value_pretraining_refuses_a_critic_adapter_it_would_not_save(sd_pipelines):
+    from lit_diffac.modules import ValuePretraining
+    from lit_diffac.rewards import Brightness
+
+    backbone = DiTBackbone(str(sd_pipelines["sd3"]), lora_rank=2, critic_lora_rank=2)
+    with pytest.raises(ValueError, match="saves only the value head, not a critic adapter"):
+        ValuePretraining(backbone=backbone, rewards=[Brightness()], value_gradient="critic_lora",
+                         train_prompts=["a cat"], eval_prompts=["a dog"])
+
+
+def test_critic_lora_value_gradient_and_backbone_go_together(sd_pipelines):
+    from lit_diffac.modules import LatentActorCritic
+    from lit_diffac.rewards import Brightness
+
+    backbone = DiTBackbone(str(sd_pipelines["sd3"]), lora_rank=2)
+    with pytest.raises(ValueError, match="critic_lora_rank > 0 go together"):
+        LatentActorCritic(backbone=backbone, rewards=[Brightness()], value_gradient="critic_lora",
+                          train_prompts=["a cat"], eval_prompts=["a dog"])
