@@ -117,7 +117,11 @@ EXTRA = {
 def test_sd_recipe_runs(recipe, tmp_path, monkeypatch, sd_pipelines, reward_weights, geneval_server):
     monkeypatch.chdir(tmp_path)
     key = f"{recipe.parent.name}/{recipe.stem}"
-    summary = _run(recipe, tmp_path, sd_pipelines, reward_weights, geneval_server, EXTRA.get(key, []))
+    extra = list(EXTRA.get(key, []))
+    if key == "sd35/ocr":  # RapidOCR takes ~1.5 s an image on one CPU thread: evaluate on one held-out prompt
+        (tmp_path / "one_prompt.txt").write_text('a wooden sign that says "Welcome Home"\n')
+        extra.append(f"--model.init_args.eval_prompts={tmp_path / 'one_prompt.txt'}")
+    summary = _run(recipe, tmp_path, sd_pipelines, reward_weights, geneval_server, extra)
     if not summary:  # value pretraining: the head file was checked
         return
     assert summary["iterations"] == 1 and summary["samples_seen"] == 2
