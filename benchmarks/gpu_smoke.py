@@ -43,8 +43,8 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
     from lit_diffac.samplers import DDIMSampler, FlowSDESampler
 
     critic_rank = variant.get("critic_lora_rank", 0)
-    common = dict(lora_rank=8, weights_dtype="bfloat16", gradient_checkpointing=True, vae_decode_batch=2,
-                  critic_lora_rank=critic_rank)
+    common = dict(lora_rank=8, weights_dtype=args.weights_dtype, autocast_dtype="bfloat16",
+                  gradient_checkpointing=True, vae_decode_batch=2, critic_lora_rank=critic_rank)
     if family == "sd15":
         backbone = UNetBackbone(str(folder), feature_taps=["down_blocks.1", "mid_block", "up_blocks.1"], **common)
         sampler = DDIMSampler(num_steps=args.steps, eta=1.0)
@@ -68,14 +68,22 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=2, logger=False,
+    strategy = "auto"
+    if args.strategy == "fsdp":  # one GPU: checks that the wrap policy, hooks, LoRA and two optimisers work under FSDP
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from lit_diffac.distributed import diffusion_block_wrap_policy
+
+        strategy = FSDPStrategy(auto_wrap_policy=diffusion_block_wrap_policy, sharding_strategy="SHARD_GRAD_OP")
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=2, logger=False, strategy=strategy,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Probe()])
     start = time.perf_counter()
     trainer.fit(module)
     last = metrics[-1]
     out = {
-        "family": family, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "family": family, "device": torch.cuda.get_device_name() if cuda else "cpu", "strategy": args.strategy,
+        "weights_dtype": args.weights_dtype,
         "iterations": len(times), "seconds_per_iteration": times, "fit_seconds": time.perf_counter() - start,
         "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "onpolicy_max_abs_ratio_dev": last.get("train/onpolicy_max_abs_ratio_dev"),
@@ -98,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-size", type=int, default=16, help="latent side of the tiny models")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps per trajectory")
     parser.add_argument("--batch-size", type=int, default=4, help="trajectories per iteration")
+    parser.add_argument("--weights-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="frozen weights' dtype (autocast is bf16 either way)")
+    parser.add_argument("--strategy", default="auto", choices=["auto", "fsdp"], help="Lightning strategy (fsdp: CUDA only)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
