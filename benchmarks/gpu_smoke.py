@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="trajectories per iteration")
     parser.add_argument("--weights-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="frozen weights' dtype (autocast is bf16 either way)")
-    parser.add_argument("--strategy", default="auto", choices=["auto", "fsdp"], help="Lightning strategy (fsdp: CUDA only)")
+    parser.add_argument("--strategy", default="auto", choices=["auto", "fsdp"],
+                        help="Lightning strategy (fsdp: CUDA only)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -75,7 +75,8 @@ def sd15_components(sample_size: int = 8, seed: int = 0) -> dict:
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=2 * sample_size, scaling_factor=0.18215)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000,
                               set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -101,7 +102,8 @@ def sd3_components(sample_size: int = 8, seed: int = 0, with_t5: bool = True, nu
                                              num_heads=2, decoder_start_token_id=0, pad_token_id=0,
                                              eos_token_id=1)) if with_t5 else None
     transformer = SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, attention_head_dim=8,
+        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
         pos_embed_max_size=sample_size)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),

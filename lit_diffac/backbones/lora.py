@@ -91,4 +91,5 @@ def lora_parameter_count(denoiser: nn.Module, adapter: str) -> int:
     return sum(p.numel() for n, p in denoiser.named_parameters() if f".{adapter}." in n and "lora_" in n)
 
 
-__all__ = ["DEFAULT_TARGETS", "apply_lora", "active_adapters", "adapter_names", "adapters_disabled", "lora_parameter_count"]
+__all__ = ["DEFAULT_TARGETS", "apply_lora", "active_adapters", "adapter_names", "adapters_disabled",
+           "lora_parameter_count"]
