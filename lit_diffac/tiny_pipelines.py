@@ -78,6 +78,7 @@ def sd15_components(sample_size: int = 8, seed: int = 0) -> dict:
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000,
                               set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    scheduler.register_to_config(clip_sample=False)  # as the real v1-5 scheduler_config.json (read by DDIM)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 

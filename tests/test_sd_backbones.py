@@ -292,3 +292,25 @@ def test_critic_lora_value_gradient_and_backbone_go_together(sd_pipelines):
     with pytest.raises(ValueError, match="critic_lora_rank > 0 go together"):
         LatentActorCritic(backbone=backbone, rewards=[Brightness()], value_gradient="critic_lora",
                           train_prompts=["a cat"], eval_prompts=["a dog"])
+
+
+@pytest.mark.parametrize("name, local", [("stabilityai/stable-diffusion-3.5-medium", False),
+                                         ("stable-diffusion-v1-5/stable-diffusion-v1-5", False)])
+def test_only_owner_slash_name_goes_to_the_hub(name, local):
+    from lit_diffac.backbones.base import locate_pipeline
+
+    assert locate_pipeline(name, ("unet",)) == (name, local)
+
+
+@pytest.mark.parametrize("name", ["weights/sd/v15", "./weights/sd15", "/models/sd15", "~/sd15"])
+def test_path_like_names_never_go_to_the_hub(name):
+    from lit_diffac.backbones.base import locate_pipeline
+
+    with pytest.raises(PipelineNotFoundError, match="no pipeline folder at"):
+        locate_pipeline(name, ("unet",))
+
+
+def test_sd15_folder_reads_as_a_ddim_scheduler_without_clipping(sd_pipelines):
+    backbone = UNetBackbone(str(sd_pipelines["sd15"]))
+    assert type(backbone.scheduler).__name__ == "DDIMScheduler" and backbone.scheduler.config.clip_sample is False
+    assert backbone.vae_scaling_factor == 0.18215

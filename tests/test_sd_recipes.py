@@ -157,3 +157,13 @@ def test_strategy_fragments_combine_with_a_recipe(strategy, capsys, tmp_path, mo
     expected = {"ddp": "DDPStrategy", "fsdp": "FSDPStrategy", "deepspeed": "deepspeed_stage_2"}[strategy]
     assert expected in json.dumps(printed["trainer"]["strategy"])
     assert printed["model"]["init_args"]["backbone"]["init_args"]["feature_taps"] == [7, 15, 23]
+
+
+def test_a_recipe_without_its_weights_fails_with_one_line_saying_where_to_put_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no ./weights here
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(RECIPES / "sd35" / "geneval.yaml")])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no pipeline folder at './weights/stable-diffusion-3.5-medium': put a diffusers "
+                              "pipeline there")

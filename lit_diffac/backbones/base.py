@@ -73,7 +73,7 @@ def locate_pipeline(pretrained: str, subfolders: Sequence[str]) -> tuple[str, bo
     if HUB_ID.fullmatch(path) and not path.startswith((".", "/", "~")):
         return path, False
     raise PipelineNotFoundError(
-        f"no pipeline folder at {str(local)!r}: put a diffusers pipeline there (sub-folders "
+        f"no pipeline folder at {path!r}: put a diffusers pipeline there (sub-folders "
         f"{', '.join(s + '/' for s in subfolders)}; see docs/from_toy_to_sd.md) or name a hub id such as "
         f"'stable-diffusion-v1-5/stable-diffusion-v1-5'")
 
