@@ -98,6 +98,7 @@ def collect_rollout(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     keep_features: bool = False,
+    negative_prompt: str = "",
 ) -> Rollout:
     """Sample ``len(prompts)`` trajectories with the current policy.
 
@@ -112,11 +113,12 @@ def collect_rollout(
         device: where to run (default: the backbone's).
         dtype: latent dtype fed to the backbone (log-prob maths stays fp32).
         keep_features: store every step's backbone features in :attr:`Rollout.features`.
+        negative_prompt: the unconditional branch's prompt under CFG (``""``: plain classifier-free guidance).
     """
     device = torch.device(device) if device is not None else next(backbone.denoiser.parameters()).device
     prompts = list(prompts)
     embeds = backbone.encode_prompts(prompts).to(device)
-    uncond = backbone.encode_prompts([""] * len(prompts)).to(device) if cfg_scale != 1.0 else None
+    uncond = backbone.encode_prompts([negative_prompt] * len(prompts)).to(device) if cfg_scale != 1.0 else None
     x = sampler.init_noise((len(prompts), *backbone.latent_shape), generator=generator, device=device)
     latents, log_probs, values, kept = [x], [], [], []
     for k in range(sampler.num_steps):

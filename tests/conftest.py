@@ -53,3 +53,12 @@ def digit_reward():
     from lit_diffac.rewards.toy import DigitAlignment
 
     return DigitAlignment()
+
+
+@pytest.fixture(scope="session")
+def sd_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random SD1.5- and SD3-format pipeline folders (``StableDiffusion*Pipeline.save_pretrained``)."""
+    from lit_diffac.tiny_pipelines import save_sd3_pipeline, save_sd15_pipeline
+
+    root = tmp_path_factory.mktemp("sd_pipelines")
+    return {"sd15": save_sd15_pipeline(root / "sd15"), "sd3": save_sd3_pipeline(root / "sd3")}

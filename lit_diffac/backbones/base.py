@@ -9,10 +9,12 @@ single pass (DESIGN §5: never a second backbone pass).
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -84,6 +86,84 @@ def require_local_folder(path: str, subfolder: str) -> None:
         raise FileNotFoundError(f"{root} has no '{subfolder}/' folder: expected a diffusers pipeline layout")
 
 
+#: ``owner/name`` — what a Hugging Face hub id looks like (a local folder that exists always wins).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class PipelineNotFoundError(FileNotFoundError):
+    """Pipeline weights that are neither a local folder nor loadable from the hub (one-line message)."""
+
+
+def locate_pipeline(pretrained: str, subfolders: Sequence[str]) -> tuple[str, bool]:
+    """``(folder or hub id, is_local)`` for ``pretrained``: a toy alias, a local folder or a hub id.
+
+    The hub is used only for a name of the form ``owner/name`` that is not an existing local path.  A local
+    folder must hold every one of ``subfolders``.
+
+    Raises:
+        PipelineNotFoundError: for a path that does not exist (saying where to put the weights).
+        FileNotFoundError: for a local folder that lacks one of ``subfolders``.
+    """
+    path = resolve_pretrained(pretrained)
+    local = Path(path).expanduser()
+    if local.exists():
+        for sub in subfolders:
+            require_local_folder(str(local), sub)
+        return str(local), True
+    if HUB_ID.fullmatch(path) and not path.startswith((".", "/", "~")):
+        return path, False
+    raise PipelineNotFoundError(
+        f"no pipeline folder at {path!r}: put a diffusers pipeline there (sub-folders "
+        f"{', '.join(s + '/' for s in subfolders)}; see docs/from_toy_to_sd.md) or name a hub id such as "
+        f"'stable-diffusion-v1-5/stable-diffusion-v1-5'")
+
+
+def load_component(cls: Any, path: str, subfolder: str, is_local: bool, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path, subfolder=...)``; a hub failure becomes a one-line :class:`PipelineNotFoundError`.
+
+    Only this sub-folder is read (or downloaded), so unused components of a pipeline are never fetched.
+    """
+    if is_local:
+        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+    except Exception as err:  # noqa: BLE001 - hub/network errors come in many types; all mean "not available"
+        name = path.split("/")[-1]
+        raise PipelineNotFoundError(
+            f"cannot load '{subfolder}/' of hub id {path!r} ({type(err).__name__}; offline, gated or misspelt?): "
+            f"download it first, e.g. `hf download {path} --local-dir weights/{name}`, and pass "
+            f"pretrained: weights/{name}") from err
+
+
+def hub_has_subfolder(path: str, name: str, is_local: bool) -> bool:
+    """Whether the pipeline has component ``name`` (local: a folder; hub: an entry of ``model_index.json``)."""
+    if is_local:
+        return (Path(path) / name).is_dir()
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(path)
+    except Exception as err:  # noqa: BLE001
+        raise PipelineNotFoundError(
+            f"cannot read model_index.json of hub id {path!r} ({type(err).__name__}; offline?): download the "
+            f"pipeline first (`hf download {path} --local-dir weights/{path.split('/')[-1]}`) and pass that folder"
+        ) from err
+    return name in index and index[name][0] is not None
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` → ``torch.bfloat16`` (``None`` stays ``None``)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 @dataclass
 class PromptEmbeds:
     """Encoded prompts, as the denoiser consumes them.
@@ -124,8 +204,17 @@ class BackboneOutput:
     features: list[torch.Tensor]
 
 
+class StopForward(Exception):
+    """Raised by a tap hook to end a forward pass once every tap has fired (critic-only passes)."""
+
+
 class FeatureTaps:
-    """Forward hooks that record the outputs of named submodules during a forward pass."""
+    """Forward hooks that record the outputs of named submodules during a forward pass.
+
+    Hooks record only inside :meth:`recording` (so recomputation under gradient checkpointing, which
+    re-runs blocks during backward, does not overwrite anything), as float32.  With ``stop_early`` the
+    pass is cut (:class:`StopForward`) as soon as the last tap has fired.
+    """
 
     def __init__(self, root: nn.Module, names: Sequence[str], select) -> None:
         modules = dict(root.named_modules())
@@ -135,13 +224,30 @@ class FeatureTaps:
         self.names = list(names)
         self._select = select
         self._captured: dict[str, torch.Tensor] = {}
+        self._active = False
+        self._stop_early = False
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
-            self._captured[name] = self._select(output)
+            if not self._active:
+                return
+            self._captured[name] = self._select(output).float()
+            if self._stop_early and len(self._captured) == len(self.names):
+                raise StopForward
 
         return hook
+
+    @contextlib.contextmanager
+    def recording(self, stop_early: bool = False):
+        """Record tapped outputs inside the block (optionally ending the pass after the last tap)."""
+        self._captured, self._active, self._stop_early = {}, True, stop_early
+        try:
+            yield
+        except StopForward:
+            pass
+        finally:
+            self._active, self._stop_early = False, False
 
     def pop(self) -> list[torch.Tensor]:
         """The features of the latest pass, in tap order; clears the record."""
@@ -162,10 +268,23 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     """Base class of UNet and DiT backbones.
 
     Subclasses load their components and pass them to ``__init__``; they implement :meth:`_encode`,
-    :meth:`forward`, :meth:`decode` and the three ``_tap_*`` hooks that name, select and size features.
+    :meth:`_denoise`, :meth:`_vae_decode` and the three ``_tap_*`` hooks that name, select and size features.
     :meth:`from_components` builds one from in-memory components (toy pretraining, tests).
 
-    The text encoder and VAE are frozen; ``denoiser`` is the policy network (whole, or a LoRA on it).
+    The text encoder(s) and VAE are frozen; ``denoiser`` is the policy network (whole, or a LoRA on it).
+
+    Memory and speed options (shared by every backbone):
+
+    * ``weights_dtype``: dtype of the frozen weights (text encoders, VAE and — with LoRA — the denoiser's
+      base weights).  LoRA weights, the value head and all sampler / log-prob maths stay float32.  A full
+      fine-tune (``lora_rank=0``) keeps the denoiser in float32.
+    * ``autocast_dtype``: mixed precision of the denoiser forward (default: ``weights_dtype`` when that is
+      not float32, else off); predictions and features are returned as float32.
+    * ``gradient_checkpointing``: recompute the denoiser's blocks in backward (diffusers' own switch).
+    * ``vae_decode_batch``: decode at most this many latents at a time (peak memory of reward scoring).
+    * ``critic_lora_rank``: a separate critic adapter; see :meth:`forward`.
+    * ``resolution``: image side in pixels (default: the denoiser's native ``sample_size``).
+    * ``max_cached_prompts``: bound on the prompt-embedding cache (oldest entries are dropped).
     """
 
     #: which sampler family fits this backbone: "ddim" or "flow".
@@ -173,23 +292,50 @@ class DiffusionBackbone(nn.Module, abc.ABC):
 
     def __init__(self, *, denoiser: nn.Module, scheduler, tokenizer, text_encoder: nn.Module,
                  vae: nn.Module | None = None, feature_taps: Sequence = (), lora_rank: int = 0,
-                 lora_alpha: float | None = None, lora_targets: Sequence[str] = ()) -> None:
+                 lora_alpha: float | None = None, lora_targets: Sequence[str] = (),
+                 extra_text: dict[str, Any] | None = None, weights_dtype: str = "float32",
+                 autocast_dtype: str | None = None, gradient_checkpointing: bool = False,
+                 vae_decode_batch: int | None = None, critic_lora_rank: int = 0,
+                 critic_lora_alpha: float | None = None, resolution: int | None = None,
+                 max_cached_prompts: int | None = None) -> None:
         super().__init__()
-        from lit_diffac.backbones.lora import apply_lora
+        from lit_diffac.backbones.lora import DEFAULT_TARGETS, apply_lora
 
+        dtype = parse_dtype(weights_dtype)
+        self.autocast_dtype = parse_dtype(autocast_dtype) if autocast_dtype is not None else \
+            (dtype if dtype != torch.float32 else None)
+        _check_options(lora_rank=lora_rank, critic_lora_rank=critic_lora_rank, dtype=dtype,
+                       vae_decode_batch=vae_decode_batch, resolution=resolution,
+                       max_cached_prompts=max_cached_prompts)
         self.denoiser = denoiser
         self.scheduler = scheduler
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder.requires_grad_(False).eval()
-        self.vae = vae.requires_grad_(False).eval() if vae is not None else None
+        self.text_encoder = _frozen(text_encoder, dtype)
+        self.vae = _frozen(vae, dtype) if vae is not None else None
+        for name, component in (extra_text or {}).items():  # e.g. SD3's text_encoder_2 / tokenizer_3
+            setattr(self, name, _frozen(component, dtype) if isinstance(component, nn.Module) else component)
+        self.lora_rank, self.critic_lora_rank = lora_rank, critic_lora_rank
+        targets = tuple(lora_targets) or DEFAULT_TARGETS
+        if lora_rank or critic_lora_rank:
+            self.denoiser.requires_grad_(False).to(dtype)
         if lora_rank:
-            apply_lora(self.denoiser, lora_rank, lora_alpha, lora_targets)
+            apply_lora(self.denoiser, lora_rank, lora_alpha, targets, adapter_name="policy")
+        if critic_lora_rank:
+            apply_lora(self.denoiser, critic_lora_rank, critic_lora_alpha, targets, adapter_name="critic")
+        if gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+        self.vae_decode_batch = vae_decode_batch
         names = self._tap_names(feature_taps)
         if not names:
             raise ValueError("a backbone needs at least one feature tap for the value head")
         self.taps = FeatureTaps(self.denoiser, names, self._tap_select)
         self._feature_dims = [self._tap_dim(n) for n in names]
+        self.max_cached_prompts = max_cached_prompts
         self._prompt_cache: dict[str, PromptEmbeds] = {}
+        scale = self.vae_scale_factor
+        if resolution is not None and resolution % scale:
+            raise ValueError(f"resolution {resolution} must be a multiple of the VAE's downsampling factor {scale}")
+        self.latent_size = resolution // scale if resolution is not None else self.denoiser.config.sample_size
 
     @classmethod
     def from_components(cls, **components) -> "DiffusionBackbone":
@@ -218,14 +364,30 @@ class DiffusionBackbone(nn.Module, abc.ABC):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
-        """Encode ``prompts`` (frozen text encoders, cached per prompt string)."""
+        """Encode ``prompts`` (frozen text encoders, cached per prompt string).
+
+        ``hidden`` keeps the text encoders' dtype (half the memory under bf16 weights); ``pooled`` (also read
+        by the value head) is float32.
+        """
         prompts = list(prompts)
         new = sorted({p for p in prompts if p not in self._prompt_cache})
         if new:
             embeds = self._encode(new)
+            embeds = PromptEmbeds(hidden=embeds.hidden, pooled=embeds.pooled.float())
             for i, p in enumerate(new):
                 self._prompt_cache[p] = embeds[i : i + 1]
-        return PromptEmbeds.cat([self._prompt_cache[p] for p in prompts])
+        out = PromptEmbeds.cat([self._prompt_cache[p] for p in prompts])
+        if self.max_cached_prompts is not None:
+            for key in list(self._prompt_cache)[:max(0, len(self._prompt_cache) - self.max_cached_prompts)]:
+                del self._prompt_cache[key]
+        return out
+
+    def precompute_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> int:
+        """Encode and cache ``prompts`` in chunks of ``batch_size`` (e.g. before training); returns the cache size."""
+        prompts = list(dict.fromkeys(prompts))
+        for start in range(0, len(prompts), batch_size):
+            self.encode_prompts(prompts[start:start + batch_size])
+        return len(self._prompt_cache)
 
     def clear_prompt_cache(self) -> None:
         """Forget cached prompt embeddings (needed when the text encoder changes)."""
@@ -235,8 +397,12 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the latents the denoiser works on."""
-        size = self.denoiser.config.sample_size
-        return (self.denoiser.config.in_channels, size, size)
+        return (self.denoiser.config.in_channels, self.latent_size, self.latent_size)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (1 in pixel space)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
     @property
     def feature_dims(self) -> list[int]:
@@ -249,13 +415,97 @@ class DiffusionBackbone(nn.Module, abc.ABC):
         return self.encode_prompts([""]).pooled.shape[-1]
 
     @abc.abstractmethod
+    def _denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        """The raw denoiser call → prediction ``[B, C, H, W]`` (taps fire inside it)."""
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds) -> BackboneOutput:
-        """One denoiser pass on ``latents [B, C, H, W]`` at ``timesteps [B]``, returning features too."""
+        """One denoiser pass on ``latents [B, C, H, W]`` at ``timesteps [B]``, returning features too.
+
+        The prediction and the features are float32.  Without a critic adapter the features come from the
+        same pass as the prediction (hooks).  With one (``critic_lora_rank > 0``) a second, partial pass
+        with only the critic adapter active (the policy adapter off) yields the features: value gradients
+        then reach only the critic adapter and the policy's output is exactly that of the policy adapter.
+        It costs a forward up to the last tap (and its backward) per step, whose activations are kept (no
+        gradient checkpointing in that pass).
+        """
+        if not self.critic_lora_rank:
+            with self.taps.recording(), self._autocast(latents.device):
+                prediction = self._denoise(latents, timesteps, embeds)
+            return BackboneOutput(prediction=prediction.float(), features=self.taps.pop())
+        from lit_diffac.backbones.lora import active_adapters, adapters_disabled
+
+        # the policy adapter, unless adapters are disabled (the KL reference policy: the base model)
+        policy = ["policy"] if self.lora_rank and not adapters_disabled(self.denoiser) else []
+        with active_adapters(self.denoiser, policy), self._autocast(latents.device):
+            prediction = self._denoise(latents, timesteps, embeds)
+        # No gradient checkpointing in the critic pass: a recomputation during backward would run with the
+        # adapter active then (the policy's), not the critic's.
+        with active_adapters(self.denoiser, ["critic"]), _no_checkpointing(self.denoiser), \
+                self.taps.recording(stop_early=True), self._autocast(latents.device):
+            self._denoise(latents, timesteps, embeds)
+        return BackboneOutput(prediction=prediction.float(), features=self.taps.pop())
 
     @abc.abstractmethod
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [-1, 1] (``[B, 1 or 3, H, W]``)."""
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images ``[B, 3, H, W]`` in [0, 1] (no grad)."""
+        """Latents → images ``[B, 3, H, W]`` in [0, 1] float32 (no grad; in chunks of ``vae_decode_batch``)."""
+        if self.vae is None:  # pixel space: the latent is the image in [-1, 1]
+            return to_unit_rgb(latents.float())
+        step = self.vae_decode_batch or latents.shape[0]
+        return torch.cat([to_unit_rgb(self._vae_decode(chunk.to(self.vae.dtype)).float())
+                          for chunk in latents.split(step)])
 
     def policy_parameters(self) -> list[nn.Parameter]:
-        """The parameters the actor optimiser updates (LoRA weights, or the whole denoiser)."""
-        return [p for p in self.denoiser.parameters() if p.requires_grad]
+        """The parameters the actor optimiser updates (the policy LoRA weights, or the whole denoiser)."""
+        return [p for n, p in self.denoiser.named_parameters()
+                if (p.requires_grad or ".policy." in n) and ".critic." not in n]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The critic adapter's weights (empty without ``critic_lora_rank``); the critic optimiser updates them."""
+        return [p for n, p in self.denoiser.named_parameters() if ".critic." in n]
+
+
+@contextlib.contextmanager
+def _no_checkpointing(denoiser: nn.Module):
+    """Switch diffusers' gradient checkpointing off inside the block (and back on after, if it was on)."""
+    was_on = getattr(denoiser, "is_gradient_checkpointing", False)
+    if was_on:
+        denoiser.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if was_on:
+            denoiser.enable_gradient_checkpointing()
+
+
+def _frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` frozen, in eval mode and (if not float32) cast to ``dtype``."""
+    module = module.requires_grad_(False).eval()
+    return module.to(dtype) if dtype != torch.float32 else module
+
+
+def _check_options(*, lora_rank: int, critic_lora_rank: int, dtype: torch.dtype, vae_decode_batch: int | None,
+                   resolution: int | None, max_cached_prompts: int | None) -> None:
+    problems = []
+    if lora_rank < 0 or critic_lora_rank < 0:
+        problems.append(f"LoRA ranks must be >= 0 (got lora_rank={lora_rank}, critic_lora_rank={critic_lora_rank})")
+    if critic_lora_rank and not lora_rank:
+        problems.append("critic_lora_rank needs a LoRA policy (lora_rank > 0): the critic adapter sits on frozen "
+                        "base weights")
+    if dtype != torch.float32 and not lora_rank:
+        problems.append(f"weights_dtype={str(dtype).removeprefix('torch.')} needs a LoRA policy (lora_rank > 0): "
+                        "a full fine-tune keeps float32 weights (use autocast_dtype for mixed precision)")
+    for key, value in (("vae_decode_batch", vae_decode_batch), ("resolution", resolution),
+                       ("max_cached_prompts", max_cached_prompts)):
+        if value is not None and value < 1:
+            problems.append(f"{key} must be >= 1 or None (got {value})")
+    if problems:
+        raise ValueError("invalid backbone options: " + "; ".join(problems))

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from lit_diffac.backbones.base import (BackboneOutput, DiffusionBackbone, PromptEmbeds, require_local_folder,
-                                       resolve_pretrained, to_unit_rgb)
+from lit_diffac.backbones.base import (DiffusionBackbone, PromptEmbeds, hub_has_subfolder, load_component,
+                                       locate_pipeline)
 from lit_diffac.backbones.lora import DEFAULT_TARGETS
-from lit_diffac.backbones.unet import _has_subfolder
 
 
 def _image_tokens(output):
@@ -19,18 +19,52 @@ def _image_tokens(output):
     return output[1] if isinstance(output, tuple) else output
 
 
-class DiTBackbone(DiffusionBackbone):
-    """An ``SD3Transformer2DModel`` with CLIP text encoding, flow-matching scheduler and optional VAE.
+def clip_prompt_embeds(tokenizer, text_encoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's CLIP branch (diffusers ``_get_clip_prompt_embeds``, no clip skip).
 
-    The toy DiT (``"toy-dit"``) uses one CLIP text encoder with projection: its token states are the
-    joint-attention context and its projected pooled output the ``pooled_projections``.  It is pixel
-    space (no ``vae/``).
+    Tokens padded to ``model_max_length`` → ``(penultimate hidden states [B, L, D], projected pooled [B, P])``.
+    """
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    out = text_encoder(ids, output_hidden_states=True)
+    return out.hidden_states[-2], out[0]
+
+
+def t5_prompt_embeds(tokenizer, text_encoder, prompts: list[str], max_sequence_length: int,
+                     width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """SD3's T5 branch (diffusers ``_get_t5_prompt_embeds``): ``[B, max_sequence_length, width]``.
+
+    Without a T5 encoder (``text_encoder is None``) the pipeline uses zeros of that shape, and so does this.
+    """
+    if text_encoder is None:
+        return torch.zeros(len(prompts), max_sequence_length, width, device=device, dtype=dtype)
+    ids = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                    add_special_tokens=True, return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+class DiTBackbone(DiffusionBackbone):
+    """An ``SD3Transformer2DModel`` with its text encoders, flow-matching scheduler and optional VAE.
+
+    **SD3 / SD3.5 folders** (``text_encoder_2/`` present): prompts are encoded exactly as diffusers'
+    ``StableDiffusion3Pipeline.encode_prompt`` does — the penultimate hidden states of both CLIP encoders
+    concatenated on the channel axis, zero-padded to the T5 width and concatenated on the token axis with
+    the T5 states (``max_sequence_length`` tokens); the pooled embedding is both CLIPs' projected pooled
+    outputs side by side.  ``use_t5=False`` never loads T5 (saves ~9.5 GB in bf16 for SD3.5) and uses
+    zeros in its place, as the pipeline does without ``text_encoder_3``.
+
+    **The toy DiT** (``"toy-dit"``: one CLIP text encoder) uses that encoder's last hidden states and
+    projected pooled output, in pixel space (no ``vae/``).
 
     Args:
         pretrained: a local folder, a hub id, or ``"toy-dit"``.
         feature_taps: indices of transformer blocks whose image tokens feed the value head
-            (SD3.5-M in the paper: 7, 15, 23).  Negative indices count from the end.
+            (SD3.5-M in the paper: 7, 15, 23 of 24).  Negative indices count from the end.
         lora_rank, lora_alpha, lora_targets: as :class:`~lit_diffac.backbones.unet.UNetBackbone`.
+        use_t5: load and use ``text_encoder_3`` (T5) when the folder has one.
+        max_sequence_length: T5 tokens (the pipeline's default: 256).
+        weights_dtype, autocast_dtype, gradient_checkpointing, vae_decode_batch, critic_lora_rank,
+        critic_lora_alpha, resolution, max_cached_prompts: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
     """
 
     sampler_family = "flow"
@@ -42,24 +76,57 @@ class DiTBackbone(DiffusionBackbone):
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         lora_targets: Sequence[str] = DEFAULT_TARGETS,
+        use_t5: bool = True,
+        max_sequence_length: int = 256,
+        weights_dtype: str = "float32",
+        autocast_dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        vae_decode_batch: int | None = None,
+        critic_lora_rank: int = 0,
+        critic_lora_alpha: float | None = None,
+        resolution: int | None = None,
+        max_cached_prompts: int | None = None,
     ) -> None:
-        path = resolve_pretrained(pretrained)
-        for sub in ("transformer", "scheduler", "text_encoder", "tokenizer"):
-            require_local_folder(path, sub)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae") if _has_subfolder(path, "vae") else None
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        path, local = locate_pipeline(pretrained, ("transformer", "scheduler", "text_encoder", "tokenizer"))
+        has = {name: hub_has_subfolder(path, name, local) for name in ("vae", "text_encoder_2", "text_encoder_3")}
+        extra = {}
+        if has["text_encoder_2"]:
+            extra["text_encoder_2"] = load_component(CLIPTextModelWithProjection, path, "text_encoder_2", local)
+            extra["tokenizer_2"] = load_component(CLIPTokenizer, path, "tokenizer_2", local)
+            if use_t5 and has["text_encoder_3"]:
+                from transformers import T5EncoderModel, T5TokenizerFast
+
+                extra["text_encoder_3"] = load_component(T5EncoderModel, path, "text_encoder_3", local)
+                extra["tokenizer_3"] = load_component(T5TokenizerFast, path, "tokenizer_3", local)
         super().__init__(
-            denoiser=SD3Transformer2DModel.from_pretrained(path, subfolder="transformer"),
-            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder"),
-            vae=vae, feature_taps=feature_taps, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_targets=lora_targets,
+            denoiser=load_component(SD3Transformer2DModel, path, "transformer", local),
+            scheduler=load_component(FlowMatchEulerDiscreteScheduler, path, "scheduler", local),
+            tokenizer=load_component(CLIPTokenizer, path, "tokenizer", local),
+            text_encoder=load_component(CLIPTextModelWithProjection, path, "text_encoder", local),
+            vae=load_component(AutoencoderKL, path, "vae", local) if has["vae"] else None,
+            feature_taps=feature_taps, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
+            extra_text=extra, weights_dtype=weights_dtype, autocast_dtype=autocast_dtype,
+            gradient_checkpointing=gradient_checkpointing, vae_decode_batch=vae_decode_batch,
+            critic_lora_rank=critic_lora_rank, critic_lora_alpha=critic_lora_alpha, resolution=resolution,
+            max_cached_prompts=max_cached_prompts,
         )
         self.pretrained = pretrained
+        self.use_t5 = use_t5
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def is_sd3(self) -> bool:
+        """Whether this is an SD3-layout model (two CLIP encoders, optionally T5) rather than the toy."""
+        return getattr(self, "text_encoder_2", None) is not None
 
     def _tap_names(self, feature_taps: Sequence[int]) -> list[str]:
         n_blocks = len(self.denoiser.transformer_blocks)
-        return [f"transformer_blocks.{i % n_blocks}" for i in feature_taps]
+        bad = [i for i in feature_taps if not -n_blocks <= int(i) < n_blocks]
+        if bad:
+            raise ValueError(f"feature taps {bad} out of range: this transformer has {n_blocks} blocks")
+        return [f"transformer_blocks.{int(i) % n_blocks}" for i in feature_taps]
 
     def _tap_select(self, output):
         return _image_tokens(output)
@@ -68,23 +135,28 @@ class DiTBackbone(DiffusionBackbone):
         return self.denoiser.config.num_attention_heads * self.denoiser.config.attention_head_dim
 
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
-        device = self.text_encoder.device
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        out = self.text_encoder(ids)
-        return PromptEmbeds(hidden=out.last_hidden_state, pooled=out.text_embeds)
+        if not self.is_sd3:  # the toy DiT: one CLIP encoder
+            device = self.text_encoder.device
+            ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(device)
+            out = self.text_encoder(ids)
+            return PromptEmbeds(hidden=out.last_hidden_state, pooled=out.text_embeds)
+        dtype = self.text_encoder.dtype
+        hidden_1, pooled_1 = clip_prompt_embeds(self.tokenizer, self.text_encoder, prompts)
+        hidden_2, pooled_2 = clip_prompt_embeds(self.tokenizer_2, self.text_encoder_2, prompts)
+        clip = torch.cat([hidden_1.to(dtype), hidden_2.to(dtype)], dim=-1)
+        t5 = t5_prompt_embeds(getattr(self, "tokenizer_3", None), getattr(self, "text_encoder_3", None), prompts,
+                              self.max_sequence_length, self.denoiser.config.joint_attention_dim, dtype,
+                              self.text_encoder.device)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return PromptEmbeds(hidden=torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+                            pooled=torch.cat([pooled_1, pooled_2], dim=-1))
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds) -> BackboneOutput:
-        prediction = self.denoiser(hidden_states=latents, encoder_hidden_states=embeds.hidden,
-                                   pooled_projections=embeds.pooled, timestep=timesteps).sample
-        return BackboneOutput(prediction=prediction, features=self.taps.pop())
+    def _denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        return self.denoiser(hidden_states=latents, encoder_hidden_states=embeds.hidden,
+                             pooled_projections=embeds.pooled, timestep=timesteps).sample
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            images = latents.float()
-        else:
-            cfg = self.vae.config
-            shift = getattr(cfg, "shift_factor", None) or 0.0
-            images = self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + shift).sample.float()
-        return to_unit_rgb(images)
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return self.vae.decode(latents / cfg.scaling_factor + shift).sample

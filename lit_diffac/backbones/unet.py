@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from lit_diffac.backbones.base import (BackboneOutput, DiffusionBackbone, PromptEmbeds, require_local_folder,
-                                       resolve_pretrained, to_unit_rgb)
+from lit_diffac.backbones.base import (DiffusionBackbone, PromptEmbeds, hub_has_subfolder, load_component,
+                                       locate_pipeline)
 from lit_diffac.backbones.lora import DEFAULT_TARGETS
 
 
@@ -25,13 +25,19 @@ class UNetBackbone(DiffusionBackbone):
     ``vae/``) through ``from_pretrained``: the same path for SD1.5 weights and for the embedded
     ``"toy-unet"`` (a pixel-space model with no ``vae/``: latents are the image in [-1, 1]).
 
+    Only the sub-folders it needs are read (from a hub id: downloaded); the hub is touched only when
+    ``pretrained`` is a hub id (``owner/name``) that is not a local folder.
+
     Args:
         pretrained: a local folder, a hub id, or ``"toy-unet"``.
-        feature_taps: names of UNet submodules whose outputs feed the value head.
+        feature_taps: names of UNet blocks whose outputs feed the value head: ``"down_blocks.i"``,
+            ``"mid_block"``, ``"up_blocks.i"`` (SD1.5: e.g. ``down_blocks.2``, ``mid_block``, ``up_blocks.1``).
         lora_rank: 0 trains the whole UNet (fine for toy models); >0 adds a peft LoRA policy.
         lora_alpha: LoRA scale numerator (default: ``lora_rank``).
         lora_targets: module names LoRA adapts.
         vae_scaling_factor: overrides the VAE config's latent scaling (SD1.5: 0.18215).
+        weights_dtype, autocast_dtype, gradient_checkpointing, vae_decode_batch, critic_lora_rank,
+        critic_lora_alpha, resolution, max_cached_prompts: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
     """
 
     sampler_family = "ddim"
@@ -44,18 +50,27 @@ class UNetBackbone(DiffusionBackbone):
         lora_alpha: float | None = None,
         lora_targets: Sequence[str] = DEFAULT_TARGETS,
         vae_scaling_factor: float | None = None,
+        weights_dtype: str = "float32",
+        autocast_dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        vae_decode_batch: int | None = None,
+        critic_lora_rank: int = 0,
+        critic_lora_alpha: float | None = None,
+        resolution: int | None = None,
+        max_cached_prompts: int | None = None,
     ) -> None:
-        path = resolve_pretrained(pretrained)
-        for sub in ("unet", "scheduler", "text_encoder", "tokenizer"):
-            require_local_folder(path, sub)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae") if _has_subfolder(path, "vae") else None
+        path, local = locate_pipeline(pretrained, ("unet", "scheduler", "text_encoder", "tokenizer"))
+        vae = load_component(AutoencoderKL, path, "vae", local) if hub_has_subfolder(path, "vae", local) else None
         super().__init__(
-            denoiser=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-            scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            denoiser=load_component(UNet2DConditionModel, path, "unet", local),
+            scheduler=load_component(DDIMScheduler, path, "scheduler", local),
+            tokenizer=load_component(CLIPTokenizer, path, "tokenizer", local),
+            text_encoder=load_component(CLIPTextModel, path, "text_encoder", local),
             vae=vae, feature_taps=feature_taps, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_targets=lora_targets,
+            lora_targets=lora_targets, weights_dtype=weights_dtype, autocast_dtype=autocast_dtype,
+            gradient_checkpointing=gradient_checkpointing, vae_decode_batch=vae_decode_batch,
+            critic_lora_rank=critic_lora_rank, critic_lora_alpha=critic_lora_alpha, resolution=resolution,
+            max_cached_prompts=max_cached_prompts,
         )
         self.pretrained = pretrained
         if vae is not None:
@@ -77,38 +92,22 @@ class UNetBackbone(DiffusionBackbone):
         out = self.text_encoder(ids)
         return PromptEmbeds(hidden=out.last_hidden_state, pooled=out.pooler_output)
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds) -> BackboneOutput:
-        prediction = self.denoiser(latents, timesteps, encoder_hidden_states=embeds.hidden).sample
-        return BackboneOutput(prediction=prediction, features=self.taps.pop())
+    def _denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        return self.denoiser(latents, timesteps, encoder_hidden_states=embeds.hidden).sample
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:  # pixel space: one grey channel in [-1, 1]
-            images = latents.float()
-        else:
-            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae_scaling_factor).sample.float()
-        return to_unit_rgb(images)
-
-
-def _has_subfolder(path: str, name: str) -> bool:
-    from pathlib import Path
-
-    root = Path(path)
-    if root.exists():
-        return (root / name).is_dir()
-    from diffusers import DiffusionPipeline
-
-    return name in DiffusionPipeline.load_config(path)
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.vae_scaling_factor).sample
 
 
 def _out_channels(unet: UNet2DConditionModel, tap: str) -> int:
     """Channel width of a UNet block's output (down/mid/up blocks by name)."""
     channels = list(unet.config.block_out_channels)
     parts = tap.split(".")
-    if parts[0] == "mid_block":
+    if parts == ["mid_block"]:
         return channels[-1]
-    if parts[0] == "down_blocks":
-        return channels[int(parts[1])]
-    if parts[0] == "up_blocks":
-        return list(reversed(channels))[int(parts[1])]
+    if len(parts) == 2 and parts[0] in ("down_blocks", "up_blocks") and parts[1].isdigit():
+        index = int(parts[1])
+        if index >= len(channels):
+            raise ValueError(f"feature tap {tap!r}: this UNet has {len(channels)} {parts[0]} (0–{len(channels) - 1})")
+        return channels[index] if parts[0] == "down_blocks" else list(reversed(channels))[index]
     raise ValueError(f"feature tap {tap!r}: use 'down_blocks.i', 'mid_block' or 'up_blocks.i'")

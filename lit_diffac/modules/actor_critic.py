@@ -78,9 +78,12 @@ class LatentActorCritic(L.LightningModule):
         betas, weight_decay: AdamW settings for both optimisers.
         max_grad_norm, critic_max_grad_norm: gradient clipping (``None``: off).
         reward_normalization: ``"running"``, ``"batch"`` or ``"none"`` (DESIGN §3).
-        value_gradient: ``"detached"`` (value loss trains only the head) or ``"shared"`` (it also trains the
-            backbone's policy parameters).
+        value_gradient: ``"detached"`` (value loss trains only the head), ``"shared"`` (it also trains the
+            backbone's policy parameters) or ``"critic_lora"`` (it trains the head and the backbone's separate
+            critic adapter, ``critic_lora_rank > 0``; the features then come from an extra partial pass, see
+            :meth:`~lit_diffac.backbones.base.DiffusionBackbone.forward`).
         cfg_scale: classifier-free guidance in rollouts and updates (1.0 = off, the paper's setting).
+        negative_prompt: the unconditional branch's prompt when ``cfg_scale != 1`` (default ``""``).
         value_per_reward: one value output per reward (default); ``False`` fits a single head on the weighted
             sum of the standardised rewards (the ablation of DESIGN §5).
         value_warmup_iters: the first N iterations train only the critic (policy untouched: in-line value
@@ -129,8 +132,9 @@ class LatentActorCritic(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         critic_max_grad_norm: float | None = 1.0,
         reward_normalization: Literal["running", "batch", "none"] = "running",
-        value_gradient: Literal["detached", "shared"] = "detached",
+        value_gradient: Literal["detached", "shared", "critic_lora"] = "detached",
         cfg_scale: float = 1.0,
+        negative_prompt: str = "",
         value_per_reward: bool = True,
         value_warmup_iters: int = 0,
         critic_init: str | None = None,
@@ -151,6 +155,9 @@ class LatentActorCritic(L.LightningModule):
         if kl_coef and not getattr(backbone, "lora_rank", 0) and not _has_adapter(backbone.denoiser):
             raise ValueError("kl_coef > 0 needs a LoRA policy (lora_rank > 0): the reference policy is the base "
                              "model with the adapter disabled, so no copy of the weights is kept")
+        if (value_gradient == "critic_lora") != bool(getattr(backbone, "critic_lora_rank", 0)):
+            raise ValueError("value_gradient='critic_lora' and the backbone's critic_lora_rank > 0 go together "
+                             "(set both, or neither)")
         self.automatic_optimization = False
         self.backbone = backbone
         self.rewards = nn.ModuleList([rewards] if isinstance(rewards, Reward) else list(rewards))
@@ -171,7 +178,7 @@ class LatentActorCritic(L.LightningModule):
         self.value_head = factory(backbone.feature_dims, backbone.pooled_dim, self.num_values) \
             if self.estimator.uses_critic else None
         if self.value_head is not None and hasattr(self.value_head, "detach_features"):
-            self.value_head.detach_features = value_gradient == "detached"
+            self.value_head.detach_features = value_gradient == "detached"  # critic_lora: grads reach the adapter
         if self.value_head is None and (critic_init is not None or value_warmup_iters):
             raise ValueError("critic_init / value_warmup_iters need a critic, but this estimator uses none")
         if critic_init is not None:
@@ -208,9 +215,14 @@ class LatentActorCritic(L.LightningModule):
                                   weight_decay=hp.weight_decay)
         if self.value_head is None:
             return actor
-        critic = torch.optim.AdamW(self.value_head.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
+        critic = torch.optim.AdamW(self.critic_parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
                                    weight_decay=hp.weight_decay)
         return [actor, critic]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """What the critic optimiser updates: the value head (and the backbone's critic adapter, if any)."""
+        extra = self.backbone.critic_parameters() if hasattr(self.backbone, "critic_parameters") else []
+        return [*self.value_head.parameters(), *extra]
 
     def actor_critic_optimizers(self):
         """``(actor, critic)`` optimisers; either may be ``None`` (no critic / frozen policy)."""
@@ -253,7 +265,7 @@ class LatentActorCritic(L.LightningModule):
         """One backbone pass on ``(x_{t_k}, k)`` pairs → ``(log π(x_{t_{k+1}} | x_{t_k}) [M], V [M, R] | None)``."""
         t = self.sampler.timestep_for(step_index, device=self.device)
         # Value-only iterations (warm-up, pretraining) need no graph through a detached-feature backbone.
-        backbone_grad = self.trains_actor() or self.hparams.value_gradient == "shared"
+        backbone_grad = self.trains_actor() or self.hparams.value_gradient != "detached"
         with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_grad):
             prediction, features = denoise(self.backbone, latents, t, embeds, self.hparams.cfg_scale, uncond)
             step = self.sampler.step(prediction, step_index, latents, prev_sample=next_latents)
@@ -288,7 +300,8 @@ class LatentActorCritic(L.LightningModule):
         self.backbone.eval()
         rollout = collect_rollout(self.backbone, self.sampler, prompts, value_head=self.value_head,
                                   num_values=self.num_values, generator=generator, cfg_scale=hp.cfg_scale,
-                                  device=self.device, keep_features=self._needs_features())
+                                  device=self.device, keep_features=self._needs_features(),
+                                  negative_prompt=hp.negative_prompt)
         self._sync()
         rollout_time = time.perf_counter() - start
         rollout.rewards = self.score(rollout.images, prompts)
@@ -321,7 +334,7 @@ class LatentActorCritic(L.LightningModule):
         untouched = True
         if problem is None:
             trainable = [*self.backbone.policy_parameters(),
-                         *(self.value_head.parameters() if self.value_head is not None else ())]
+                         *(self.critic_parameters() if self.value_head is not None else ())]
             snapshot = TrainableSnapshot(trainable, self.actor_critic_optimizers(),
                                          [self.reward_normalizer, self.estimator]) if hp.rollback_on_nonfinite else None
             try:
@@ -390,7 +403,7 @@ class LatentActorCritic(L.LightningModule):
         # (sample, step) pairs, optionally a random subset of steps per sample (DDPO's timestep fraction).
         generator = self._generator(purpose=1)
         steps_kept = max(1, math.ceil(hp.timestep_fraction * num_steps))
-        uncond = self.backbone.encode_prompts([""]).to(self.device) if hp.cfg_scale != 1.0 else None
+        uncond = self.backbone.encode_prompts([hp.negative_prompt]).to(self.device) if hp.cfg_scale != 1.0 else None
         actor_opt, critic_opt = self.actor_critic_optimizers()
         self.backbone.train()
         sums: dict[str, list[float]] = {}
@@ -431,8 +444,7 @@ class LatentActorCritic(L.LightningModule):
                 if train_actor:
                     diag["train/actor_grad_norm"] = _clip(self.backbone.policy_parameters(), hp.max_grad_norm)
                 if critic_opt is not None:
-                    diag["train/critic_grad_norm"] = _clip(list(self.value_head.parameters()),
-                                                           hp.critic_max_grad_norm)
+                    diag["train/critic_grad_norm"] = _clip(self.critic_parameters(), hp.critic_max_grad_norm)
                 for key in ("train/actor_grad_norm", "train/critic_grad_norm"):
                     self._require_finite(diag.get(key, 0.0), f"{key.split('/')[1]} is not finite ({where})")
                 if train_actor:

@@ -34,6 +34,9 @@ class ValuePretraining(LatentActorCritic):
         super().__init__(*args, **kwargs)
         if self.value_head is None:
             raise ValueError("ValuePretraining needs an estimator with a critic (e.g. CriticGAE)")
+        if getattr(self.backbone, "critic_lora_rank", 0):
+            raise ValueError("ValuePretraining saves only the value head, not a critic adapter: pretrain with "
+                             "critic_lora_rank: 0 (and value_gradient: detached)")
         self.output_path = output_path
         self.backbone.requires_grad_(False)
 

@@ -1,0 +1,26 @@
+"""``benchmarks/gpu_smoke.py`` keeps working (on the CPU here, reduced) and fails loudly."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import gpu_smoke
+
+
+def test_gpu_smoke_runs_on_cpu(tmp_path, capsys):
+    out = tmp_path / "smoke.json"
+    assert gpu_smoke.main(["--device", "cpu", "--families", "sd15", "--runs", "lora_bf16_ckpt", "--steps", "2",
+                           "--batch-size", "2", "--sample-size", "8", "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())
+    assert result["iterations"] == 2 and len(result["seconds_per_iteration"]) == 2
+    assert result["weights_dtype"] == "bfloat16" and result["policy_params"] > 0
+    assert "1/1 runs passed" in capsys.readouterr().out
+
+
+def test_gpu_smoke_exits_non_zero_on_a_failure(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu_smoke, "run_once", broken)
+    assert gpu_smoke.main(["--device", "cpu", "--families", "sd3", "--runs", "lora_bf16_ckpt",
+                           "--sample-size", "8"]) == 1
