@@ -9,13 +9,15 @@ learning rates and PPO settings (identical across methods: only the advantage es
 module's built-in held-out evaluation every ``--eval-every`` iterations (seed 12345, CFG off, 20 prompts ×
 ``--eval-samples`` samples). Outputs, in ``benchmarks/results/``:
 
-* ``sample_efficiency.csv``: one row per evaluation (backbone, method, seed, iteration, samples, accuracy,
-  mean reward);
-* ``sample_efficiency.png``: mean accuracy over seeds vs samples (band: min–max), one panel per backbone;
-* ``sample_efficiency.md``: final accuracy per method and the headline figure — the samples the actor-critic
-  needs to reach GRPO's final mean accuracy, as a fraction of GRPO's budget (the first evaluation at which
-  the seed-mean curve reaches it, linearly interpolated; "not reached" when it never does).
+* ``<name>.csv`` (default name ``sample_efficiency``): one row per evaluation (backbone, method, seed,
+  iteration, samples, accuracy, mean reward);
+* ``<name>.png``: mean accuracy over seeds vs samples (band: min–max), one panel per backbone;
+* ``<name>.md``: accuracy per method at the largest budget every run reached, and the headline figure — the
+  samples the actor-critic needs to reach GRPO's accuracy at that budget, as a fraction of it (the linearly
+  interpolated seed-mean curve; "not reached" when it never does within the budget).
 
+``--time-limit`` stops runs still going (their curves end early and the comparison uses the budget all runs
+reached); ``--report-from CSV`` redoes the table, plot and headline of an earlier run without running anything.
 ``--quick`` (one seed, DiT only, 2 iterations, a tiny evaluation, written under ``results/quick/``) checks the
 pipeline end to end in about a minute; a test runs it.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import re
@@ -39,10 +42,9 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "toy"
 METHODS = {"actor_critic": "actor-critic (ours)", "grpo": "GRPO", "ddpo": "DDPO"}
 ACCURACY = "eval/digit_alignment_accuracy"
 REWARD = "eval/digit_alignment"
-BATCH_SIZE = 32  # every toy recipe's samples per iteration (checked against summary.json)
 
 
-EVAL_LINE = re.compile(r"^\[eval (\w+) @ iteration (\d+)\] (.*)$")
+EVAL_LINE = re.compile(r"^\[eval ([\w-]+) @ iteration (\d+), (\d+) samples\] (.*)$")
 
 
 def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out_dir: Path) -> list[str]:
@@ -51,6 +53,8 @@ def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out
     return [sys.executable, "-m", "lit_diffac", "run", str(recipe), f"--seed_everything={seed}",
             f"--model.init_args.seed={seed}", f"--trainer.max_epochs={args.iterations}",
             f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
+            # the module's own periodic evaluation only: no recipe callbacks (grids, extra evaluations), no checkpoints
+            "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
             f"--trainer.logger.init_args.save_dir={out_dir / 'runs'}",
             f"--trainer.logger.init_args.name={method}_{backbone}_seed{seed}",
             f"--model.init_args.eval_every_n_iterations={args.eval_every}",
@@ -59,13 +63,16 @@ def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out
 
 def parse_log(text: str) -> tuple[list[dict], dict | None]:
     """A run's log → its evaluations so far (from the module's ``[eval …]`` lines) and its summary if it ended."""
-    evals = []
+    evals, seen = [], set()
     for line in text.splitlines():
         match = EVAL_LINE.match(line.strip())
         if match:
-            label, iteration, rest = match.groups()
+            label, iteration, samples, rest = match.groups()
+            if int(samples) in seen:  # the module's and a HeldOutEvaluation callback's evaluation coincide
+                continue
+            seen.add(int(samples))
             metrics = {f"eval/{k}": float(v) for k, v in (item.rsplit(" ", 1) for item in rest.split(", "))}
-            evals.append({"label": label, "iteration": int(iteration), **metrics})
+            evals.append({"label": label, "iteration": int(iteration), "samples": int(samples), **metrics})
     lines = text.strip().splitlines()
     summary = None
     if lines and lines[-1].startswith("summary: "):
@@ -118,35 +125,48 @@ def run_all(jobs: list[tuple[str, str, int]], args: argparse.Namespace, out_dir:
 
 def curve_rows(backbone: str, method: str, seed: int, result: dict) -> list[dict]:
     return [{"backbone": backbone, "method": method, "seed": seed, "iteration": e["iteration"],
-             "samples": e["iteration"] * BATCH_SIZE, "accuracy": e[ACCURACY], "reward": e[REWARD]}
+             "samples": e["samples"], "accuracy": e[ACCURACY], "reward": e[REWARD]}
             for e in result["evals"]]
 
 
-def mean_curve(rows: list[dict], backbone: str, method: str) -> list[tuple[int, float, float, float]]:
-    """``(samples, mean, min, max)`` of accuracy over seeds at each evaluation point."""
+def mean_curve(rows: list[dict], backbone: str, method: str,
+               budget: float = math.inf) -> list[tuple[int, float, float, float]]:
+    """``(samples, mean, min, max)`` of accuracy over seeds at each evaluation point up to ``budget`` samples.
+
+    Only points that every seed of the method reached count (a run stopped early shortens the curve rather
+    than biasing its mean).
+    """
+    seeds = {r["seed"] for r in rows if r["backbone"] == backbone and r["method"] == method}
     points: dict[int, list[float]] = {}
     for r in rows:
-        if r["backbone"] == backbone and r["method"] == method:
+        if r["backbone"] == backbone and r["method"] == method and r["samples"] <= budget:
             points.setdefault(r["samples"], []).append(r["accuracy"])
-    return [(s, statistics.mean(v), min(v), max(v)) for s, v in sorted(points.items())]
+    return [(s, statistics.mean(v), min(v), max(v)) for s, v in sorted(points.items()) if len(v) == len(seeds)]
+
+
+def common_budget(rows: list[dict], backbone: str, methods: list[str]) -> int:
+    """The largest sample count that every run of every method reached (the same-budget comparison point)."""
+    return min(mean_curve(rows, backbone, m)[-1][0] for m in methods if mean_curve(rows, backbone, m))
 
 
 def samples_to_reach(curve: list[tuple[int, float, float, float]], target: float) -> float | None:
     """First sample count at which the (linearly interpolated) mean curve reaches ``target``."""
+    if curve and curve[0][1] >= target:
+        return float(curve[0][0])
     for (s0, a0, *_), (s1, a1, *_) in zip(curve, curve[1:]):
-        if a0 >= target:
-            return float(s0)
         if a1 >= target:
             return s0 + (s1 - s0) * (target - a0) / (a1 - a0)
     return None
 
 
 def headline(rows: list[dict], backbone: str) -> dict:
-    ac, grpo = mean_curve(rows, backbone, "actor_critic"), mean_curve(rows, backbone, "grpo")
-    target, budget = grpo[-1][1], grpo[-1][0]
+    """Samples the actor-critic needs to reach GRPO's final accuracy, at the budget both reached."""
+    budget = common_budget(rows, backbone, ["actor_critic", "grpo"])
+    ac, grpo = mean_curve(rows, backbone, "actor_critic", budget), mean_curve(rows, backbone, "grpo", budget)
+    target, spent = grpo[-1][1], grpo[-1][0]
     needed = samples_to_reach(ac, target)
-    return {"backbone": backbone, "grpo_final": target, "grpo_samples": budget, "actor_critic_samples": needed,
-            "fraction": None if needed is None or budget == 0 else needed / budget}
+    return {"backbone": backbone, "grpo_final": target, "grpo_samples": spent, "actor_critic_samples": needed,
+            "fraction": None if needed is None or spent == 0 else needed / spent}
 
 
 def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path) -> None:
@@ -177,32 +197,44 @@ def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path)
 def report(rows: list[dict], results: dict, backbones: list[str], methods: list[str], command: str,
            machine: str) -> str:
     lines = [f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}", "",
-             "| backbone | method | base acc | final acc (mean over seeds) | min–max | runs (complete) | "
-             "iterations | critic EV (end) | time per run (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| backbone | method | base acc | budget (samples) | acc at budget: mean over seeds | min–max | "
+             "runs (complete) | last iteration | critic EV (end) | time per run (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for backbone in backbones:
-        for method in methods:
+        present = [m for m in methods if mean_curve(rows, backbone, m)]
+        if not present:
+            continue
+        budget = common_budget(rows, backbone, present)
+        for method in present:
+            curve = mean_curve(rows, backbone, method, budget)
+            at_budget = [r["accuracy"] for r in rows if r["backbone"] == backbone and r["method"] == method
+                         and r["samples"] == curve[-1][0]]
             runs = [r for (b, m, _), r in results.items() if b == backbone and m == method and r["evals"]]
-            if not runs:
-                continue
-            final = [r["evals"][-1][ACCURACY] for r in runs]
-            base = statistics.mean(r["evals"][0][ACCURACY] for r in runs)
-            iters = sorted({r["evals"][-1]["iteration"] for r in runs})
+            iters = "/".join(map(str, sorted({r["evals"][-1]["iteration"] for r in runs}))) or "—"
             evs = [r["summary"]["final_explained_variance"] for r in runs
                    if r["summary"] and r["summary"]["final_explained_variance"] is not None]
             ev = f"{statistics.mean(evs):.2f}" if evs else "—"
-            wall = statistics.mean(r["wall_s"] for r in runs)
-            lines.append(f"| {backbone} | {METHODS[method]} | {base:.3f} | {statistics.mean(final):.3f} | "
-                         f"{min(final):.3f}–{max(final):.3f} | {len(runs)} ({sum(r['complete'] for r in runs)}) | "
-                         f"{'/'.join(map(str, iters))} | {ev} | {wall:.0f} |")
+            wall = f"{statistics.mean(r['wall_s'] for r in runs):.0f}" if runs else "—"
+            complete = f"{len(runs)} ({sum(r['complete'] for r in runs)})" if runs else "—"
+            lines.append(f"| {backbone} | {METHODS[method]} | {curve[0][1]:.3f} | {curve[-1][0]} | {curve[-1][1]:.3f} | "
+                         f"{min(at_budget):.3f}–{max(at_budget):.3f} | {complete} | {iters} | {ev} | {wall} |")
     lines += ["", "| backbone | GRPO final acc | GRPO samples | actor-critic samples to reach it | fraction |",
               "|---|---|---|---|---|"]
     for backbone in backbones:
-        if "grpo" in methods and "actor_critic" in methods and mean_curve(rows, backbone, "grpo"):
+        if "grpo" in methods and "actor_critic" in methods and mean_curve(rows, backbone, "grpo") \
+                and mean_curve(rows, backbone, "actor_critic"):
             h = headline(rows, backbone)
             reached = "not reached" if h["actor_critic_samples"] is None else f"{h['actor_critic_samples']:.0f}"
             frac = "—" if h["fraction"] is None else f"{h['fraction']:.2f}"
             lines.append(f"| {backbone} | {h['grpo_final']:.3f} | {h['grpo_samples']} | {reached} | {frac} |")
     return "\n".join(lines) + "\n"
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a ``sample_efficiency.csv`` (to redo the report and plot of an earlier run)."""
+    with path.open() as fh:
+        return [{**r, "seed": int(r["seed"]), "iteration": int(r["iteration"]), "samples": int(r["samples"]),
+                 "accuracy": float(r["accuracy"]), "reward": float(r["reward"])} for r in csv.DictReader(fh)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=0.0,
                         help="seconds; then stop the runs still going and report them as incomplete (0: none)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    parser.add_argument("--name", default="sample_efficiency", help="stem of the result files")
+    parser.add_argument("--report-from", type=Path, default=None, metavar="CSV",
+                        help="no runs: redo the table, plot and headline from an earlier run's CSV")
     parser.add_argument("--quick", action="store_true", help="one seed, DiT only, 2 iterations, a tiny evaluation")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
     args = parser.parse_args(argv)
@@ -227,31 +262,35 @@ def main(argv: list[str] | None = None) -> int:
         args.backbones, args.seeds, args.iterations, args.eval_every, args.eval_samples = ["dit"], [0], 2, 1, 1
         out_dir = Path(args.out) if args.out else RESULTS / "quick"
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(b, m, s) for b in args.backbones for m in args.methods for s in args.seeds]
-    results = run_all(jobs, args, out_dir)
-    for (b, m, s), r in results.items():
-        if r["summary"] and r["summary"]["samples_seen"] != r["evals"][-1]["iteration"] * BATCH_SIZE:
-            raise RuntimeError(f"{(b, m, s)}: samples_seen {r['summary']['samples_seen']} is not "
-                               f"{BATCH_SIZE} x iterations; this benchmark assumes batch_size {BATCH_SIZE}")
-    rows = [row for (b, m, s), r in results.items() for row in curve_rows(b, m, s, r)]
-    with (out_dir / "sample_efficiency.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["backbone", "method", "seed", "iteration", "samples", "accuracy",
-                                                "reward"])
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, args.backbones, args.methods, out_dir / "sample_efficiency.png")
     cmd = "python -m benchmarks.sample_efficiency " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = f"{platform.node()} ({os.cpu_count()} CPUs, accelerator={args.accelerator}"
-    if args.accelerator == "gpu":
-        import torch
+    if args.report_from:
+        rows, results = read_csv(args.report_from), {}
+        earlier = args.report_from.with_suffix(".json")
+        machine = json.loads(earlier.read_text())["machine"] if earlier.is_file() else "see the CSV's run"
+        machine += f"; report redone from {args.report_from.name}"
+    else:
+        jobs = [(b, m, s) for b in args.backbones for m in args.methods for s in args.seeds]
+        results = run_all(jobs, args, out_dir)
+        rows = [row for (b, m, s), r in results.items() for row in curve_rows(b, m, s, r)]
+        with (out_dir / f"{args.name}.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["backbone", "method", "seed", "iteration", "samples", "accuracy",
+                                                    "reward"])
+            writer.writeheader()
+            writer.writerows(rows)
+        machine = f"{platform.node()} ({os.cpu_count()} CPUs, accelerator={args.accelerator}"
+        if args.accelerator == "gpu":
+            import torch
 
-        machine += f", {torch.cuda.get_device_name(0)}"
-    machine += f", OMP_NUM_THREADS={args.threads}, {args.jobs} runs at a time)"
-    text = report(rows, results, args.backbones, args.methods, cmd, machine)
-    (out_dir / "sample_efficiency.md").write_text(text)
-    headlines = [headline(rows, b) for b in args.backbones
-                 if {"grpo", "actor_critic"} <= set(args.methods) and mean_curve(rows, b, "grpo")]
-    (out_dir / "sample_efficiency.json").write_text(json.dumps(
+            machine += f", {torch.cuda.get_device_name(0)}"
+        machine += f", OMP_NUM_THREADS={args.threads}, {args.jobs} runs at a time)"
+    backbones = [b for b in args.backbones if any(r["backbone"] == b for r in rows)]
+    plot(rows, backbones, args.methods, out_dir / f"{args.name}.png")
+    text = report(rows, results, backbones, args.methods, cmd, machine)
+    (out_dir / f"{args.name}.md").write_text(text)
+    headlines = [headline(rows, b) for b in backbones
+                 if {"grpo", "actor_critic"} <= set(args.methods) and mean_curve(rows, b, "grpo")
+                 and mean_curve(rows, b, "actor_critic")]
+    (out_dir / f"{args.name}{'_report' if args.report_from else ''}.json").write_text(json.dumps(
         {"command": cmd, "machine": machine, "headline": headlines,
          "runs": {"/".join(map(str, k)): {"complete": r["complete"], "wall_s": r["wall_s"], "evals": r["evals"],
                                           "final_explained_variance": (r["summary"] or {}).get(

@@ -34,7 +34,11 @@ class CheckpointMismatchError(LitDiffacError, ValueError):
     """A checkpoint written by a different model (another backbone, value head or reward set)."""
 
 
-class HubUnavailableError(LitDiffacError, OSError):
+class PipelineNotFoundError(LitDiffacError, FileNotFoundError):
+    """Pipeline weights that are neither a local folder nor loadable from the hub (one-line message)."""
+
+
+class HubUnavailableError(PipelineNotFoundError):
     """A Hugging Face Hub id was named but the hub is offline or unreachable."""
 
 

@@ -10,13 +10,15 @@ from benchmarks.sample_efficiency import headline, mean_curve, parse_log, sample
 def test_parse_log_reads_eval_lines_and_summary(tmp_path):
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"samples_seen": 64}))
-    log = ("noise\n[eval base @ iteration 0] digit_alignment 0.400, digit_alignment_accuracy 0.410\n"
-           "[eval periodic @ iteration 2] digit_alignment 0.500, digit_alignment_accuracy 0.520\n"
+    log = ("noise\n[eval base @ iteration 0, 0 samples] digit_alignment 0.400, digit_alignment_accuracy 0.410\n"
+           "[eval periodic @ iteration 2, 64 samples] digit_alignment 0.500, digit_alignment_accuracy 0.520\n"
+           "[eval periodic @ iteration 2, 64 samples] digit_alignment 0.500, digit_alignment_accuracy 0.520, "
+           "diversity 3.000\n"  # the callback's evaluation at the same point is dropped
            f"summary: {summary}\n")
     evals, parsed = parse_log(log)
-    assert evals == [{"label": "base", "iteration": 0, "eval/digit_alignment": 0.4,
+    assert evals == [{"label": "base", "iteration": 0, "samples": 0, "eval/digit_alignment": 0.4,
                       "eval/digit_alignment_accuracy": 0.41},
-                     {"label": "periodic", "iteration": 2, "eval/digit_alignment": 0.5,
+                     {"label": "periodic", "iteration": 2, "samples": 64, "eval/digit_alignment": 0.5,
                       "eval/digit_alignment_accuracy": 0.52}]
     assert parsed == {"samples_seen": 64}
     assert parse_log(log.split("summary: ")[0])[1] is None  # a run stopped early has no summary

@@ -52,8 +52,8 @@ def test_wrong_type(capsys):
 
 def test_missing_pipeline_folder(capsys):
     line = error_line(capsys, ["run", MAIN_RECIPE, "--model.init_args.backbone.init_args.pretrained=/no/such/sd15"])
-    assert line == ("error: pipeline folder '/no/such/sd15' does not exist: pass an existing diffusers pipeline "
-                    "folder, a Hugging Face Hub id, or toy-unet / toy-dit")
+    assert line.startswith("error: no pipeline folder at '/no/such/sd15': put a diffusers pipeline there "
+                           "(sub-folders transformer/, scheduler/, text_encoder/, tokenizer/")
 
 
 def test_missing_reward_weights(capsys, tmp_path):

@@ -19,25 +19,20 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lit_diffac.errors import HubUnavailableError
+from lit_diffac.errors import HubUnavailableError, PipelineNotFoundError
 
 #: Short names for the embedded toy models shipped inside the package.
 TOY_ALIASES = {"toy-unet": "toy-unet", "toy-dit": "toy-dit"}
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """Map a toy alias (``"toy-unet"``, ``"toy-dit"``) to its folder; check a folder or hub id; return it.
+    """Map a toy alias (``"toy-unet"``, ``"toy-dit"``) to its folder; pass anything else through.
 
-    Only a name that is neither a toy alias nor an existing folder nor path-like is a Hugging Face Hub id,
-    and only then is the network used (by diffusers, after an offline check here).
+    (Whether the rest is a folder or a hub id is :func:`locate_pipeline`'s business.)
 
     Raises:
-        FileNotFoundError: for a toy alias whose weights are missing from the install, or a path-like name
-            (absolute, ``./``, ``~``, several ``/``) that does not exist.
-        HubUnavailableError: for a hub id while the hub is offline (``HF_HUB_OFFLINE=1``) or unreachable.
+        FileNotFoundError: for a toy alias whose weights are missing from the install.
     """
-    if name_or_path not in TOY_ALIASES and not Path(name_or_path).expanduser().exists():
-        _check_hub_id(name_or_path)
     if name_or_path in TOY_ALIASES:
         folder = Path(__file__).resolve().parent.parent / "toy" / "assets" / TOY_ALIASES[name_or_path]
         if not folder.is_dir():
@@ -58,27 +53,6 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _check_hub_id(name: str) -> None:
-    """Fail clearly for a missing folder, or a hub id while the hub is offline or unreachable."""
-    how = ("download it where the hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR as "
-           "`pretrained`").format(name=name)
-    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
-    if looks_like_path:
-        raise FileNotFoundError(f"pipeline folder {name!r} does not exist: pass an existing diffusers pipeline "
-                                "folder, a Hugging Face Hub id, or toy-unet / toy-dit")
-    if hub_offline():
-        raise HubUnavailableError(f"{name!r} is not a local folder and the Hugging Face Hub is offline "
-                                  f"(HF_HUB_OFFLINE=1): {how}")
-    from diffusers import DiffusionPipeline
-
-    try:
-        DiffusionPipeline.load_config(name)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HubUnavailableError(f"could not fetch {name!r} from the Hugging Face Hub ({first}): check the id "
-                                  f"and the connection, or {how}") from err
-
-
 def require_local_folder(path: str, subfolder: str) -> None:
     """Clear error when a local pipeline folder lacks a component (hub ids are left to diffusers)."""
     root = Path(path)
@@ -88,10 +62,6 @@ def require_local_folder(path: str, subfolder: str) -> None:
 
 #: ``owner/name`` — what a Hugging Face hub id looks like (a local folder that exists always wins).
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-class PipelineNotFoundError(FileNotFoundError):
-    """Pipeline weights that are neither a local folder nor loadable from the hub (one-line message)."""
 
 
 def locate_pipeline(pretrained: str, subfolders: Sequence[str]) -> tuple[str, bool]:
@@ -118,6 +88,14 @@ def locate_pipeline(pretrained: str, subfolders: Sequence[str]) -> tuple[str, bo
         f"'stable-diffusion-v1-5/stable-diffusion-v1-5'")
 
 
+def require_hub(path: str) -> None:
+    """Fail with one line, before any download is tried, when hub id ``path`` is named while the hub is offline."""
+    if hub_offline():
+        raise HubUnavailableError(
+            f"{path!r} is not a local folder and the Hugging Face Hub is offline (HF_HUB_OFFLINE=1): download it "
+            f"where the hub is reachable (`hf download {path} --local-dir DIR`) and pass DIR as `pretrained`")
+
+
 def load_component(cls: Any, path: str, subfolder: str, is_local: bool, **kwargs: Any) -> Any:
     """``cls.from_pretrained(path, subfolder=...)``; a hub failure becomes a one-line :class:`PipelineNotFoundError`.
 
@@ -125,6 +103,7 @@ def load_component(cls: Any, path: str, subfolder: str, is_local: bool, **kwargs
     """
     if is_local:
         return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+    require_hub(path)
     try:
         return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
     except Exception as err:  # noqa: BLE001 - hub/network errors come in many types; all mean "not available"
@@ -141,6 +120,7 @@ def hub_has_subfolder(path: str, name: str, is_local: bool) -> bool:
         return (Path(path) / name).is_dir()
     from diffusers import DiffusionPipeline
 
+    require_hub(path)
     try:
         index = DiffusionPipeline.load_config(path)
     except Exception as err:  # noqa: BLE001

@@ -204,4 +204,6 @@ class HeldOutEvaluation(PeriodicCallback):
                             "samples_seen": getattr(pl_module, "samples_seen", None), **metrics})
         if self.verbose:
             shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items())
-            pl_module.print(f"[eval {label} @ iteration {step}] {shown}")
+            samples = getattr(pl_module, "samples_seen", None)
+            where = f"iteration {step}" + ("" if samples is None else f", {samples} samples")
+            pl_module.print(f"[eval {label} @ {where}] {shown}")

@@ -517,29 +517,30 @@ class LatentActorCritic(L.LightningModule):
                         samples_per_prompt=samples_per_prompt or self.hparams.eval_samples_per_prompt,
                         device=self.device)
 
-    def _run_eval(self, label: str) -> None:
+    def _run_eval(self, label: str, iteration: int) -> None:
+        """Evaluate after ``iteration`` completed iterations; record, log and print the result."""
         metrics = self.evaluate()
-        self.eval_history.append({"iteration": self.current_epoch, "label": label,
-                                  "samples_seen": self.samples_seen, **metrics})
+        self.eval_history.append({"iteration": iteration, "label": label, "samples_seen": self.samples_seen,
+                                  **metrics})
         if self.logger is not None:
-            self.logger.log_metrics(metrics, step=self.current_epoch)
+            self.logger.log_metrics(metrics, step=iteration)
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items())
-        self.print(f"[eval {label} @ iteration {self.current_epoch}] {shown}")
+        self.print(f"[eval {label} @ iteration {iteration}, {self.samples_seen} samples] {shown}")
 
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
         self.sampler.to(self.device)
         if not self.eval_history:
-            self._run_eval("base")
+            self._run_eval("base", 0)
 
     def on_train_epoch_end(self) -> None:
         every = self.hparams.eval_every_n_iterations
         last = self.current_epoch + 1 >= (self.trainer.max_epochs or 0)
         if every and (self.current_epoch + 1) % every == 0 and not last:
-            self._run_eval("periodic")
+            self._run_eval("periodic", self.current_epoch + 1)
 
     def on_fit_end(self) -> None:
-        self._run_eval("final")
+        self._run_eval("final", self.current_epoch)
         if self.trainer.is_global_zero and self.logger is not None and self.trainer.log_dir is not None:
             self.write_summary(Path(self.trainer.log_dir) / "summary.json")
 
