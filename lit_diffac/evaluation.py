@@ -119,3 +119,29 @@ def toy_eval_main(argv: list[str]) -> int:
     report["cfg_scale"], report["sampler_steps"], report["seed"] = 1.0, 10, args.seed
     print(json.dumps(report, indent=2))
     return 0
+
+
+def run_summary(module: str, iterations: int, samples_seen: int, wall_time_s: float, eval_history: list[dict],
+                recent: list[dict[str, float]], seed: int) -> dict:
+    """The ``summary.json`` of a run: base and final held-out metrics, diagnostics averaged over ``recent``.
+
+    ``eval_history`` holds the evaluations (``label`` ``"base"`` first, the last one final); ``recent`` the
+    per-iteration metrics of the last iterations (``train/…`` averaged into ``final_train``; ``perf/…`` left out).
+    """
+    base = next((e for e in eval_history if e["label"] == "base"), None)
+    final = eval_history[-1] if eval_history else {}
+    averaged = {k: sum(m[k] for m in recent if k in m) / sum(k in m for m in recent)
+                for k in {k for m in recent for k in m}}
+    return {
+        "module": module,
+        "iterations": iterations,
+        "samples_seen": samples_seen,
+        "wall_time_s": wall_time_s,
+        "base": {k: v for k, v in (base or {}).items() if k.startswith("eval/")},
+        "final": {k: v for k, v in final.items() if k.startswith("eval/")},
+        "final_explained_variance": averaged.get("train/explained_variance"),
+        "final_train": {"averaged_over_iterations": len(recent),
+                        **{k: v for k, v in sorted(averaged.items()) if not k.startswith("perf/")}},
+        "eval_history": eval_history,
+        "seed": seed,
+    }

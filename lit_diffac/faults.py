@@ -1,5 +1,6 @@
 """Fault handling for the RL modules: non-finite iterations are skipped, signals stop at an iteration boundary.
 
+* :func:`guarded_update` — one RL update, skipped and rolled back when anything in it is non-finite;
 * :func:`nonfinite_inputs` — which of an iteration's rewards, log-probs and values are NaN / ±inf;
 * :class:`NonFiniteUpdate` — raised inside an update when a loss or gradient norm is not finite;
 * :class:`TrainableSnapshot` — a copy of the trainable weights and optimiser states taken before an update,
@@ -178,3 +179,44 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def guarded_update(module: Any, rollout: Any) -> dict[str, float]:
+    """``module.update(rollout)``, skipped when anything is non-finite (every process skips together).
+
+    A non-finite reward, log-prob or value skips the update before it starts; a non-finite loss or gradient
+    found mid-update (:class:`NonFiniteUpdate`) rolls weights, optimiser states, reward statistics and
+    estimator state back to a snapshot taken before it (``rollback_on_nonfinite``).  ``max_bad_iterations``
+    skips in a row set ``module.halt_reason``, which :class:`GracefulStop` turns into a stop with a checkpoint.
+    Returns the update's metrics plus ``fault/skipped`` and ``fault/skipped_iterations``.
+    """
+    hp = module.hparams
+    problem = nonfinite_inputs(rollout.rewards, rollout.log_probs, rollout.values, module.reward_names)
+    if not module._everywhere(problem is None) and problem is None:
+        problem = "another process had non-finite rewards, log-probs or values"
+    untouched = True
+    if problem is None:
+        trainable = [*module.backbone.policy_parameters(),
+                     *(module.critic_parameters() if module.value_head is not None else ())]
+        snapshot = TrainableSnapshot(trainable, module.actor_critic_optimizers(),
+                                     [module.reward_normalizer, module.estimator]) if hp.rollback_on_nonfinite else None
+        try:
+            metrics = module.update(rollout)
+            module.consecutive_bad = 0
+            return {**metrics, "fault/skipped": 0.0, "fault/skipped_iterations": float(module.skipped_iterations)}
+        except NonFiniteUpdate as err:
+            if snapshot is not None:
+                snapshot.restore()
+            untouched, problem = snapshot is not None, str(err)
+    module.skipped_iterations += 1
+    module.consecutive_bad += 1
+    limit = hp.max_bad_iterations
+    kept = ", weights unchanged" if untouched else " (its earlier minibatch steps stand)"
+    module.print(f"[iteration {module.current_epoch}] update skipped{kept}: {problem} "
+                 f"({module.consecutive_bad} in a row; the run stops at {limit})")
+    if module.consecutive_bad >= limit:
+        module.consecutive_bad = 0
+        module.halt_reason = (f"{limit} consecutive iterations had non-finite values (last, iteration "
+                              f"{module.current_epoch}: {problem}); fix the reward or lower the learning rates, "
+                              "then resume")
+    return {"fault/skipped": 1.0, "fault/skipped_iterations": float(module.skipped_iterations)}

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 
 from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
 from lit_diffac.data.prompts import PromptSource, load_prompts
-from lit_diffac.evaluation import default_sampler, evaluate
+from lit_diffac.evaluation import default_sampler, evaluate, run_summary
 from lit_diffac.estimators import AdvantageEstimator, CriticGAE
-from lit_diffac.faults import GracefulStop, NonFiniteUpdate, TrainableSnapshot, nonfinite_inputs
+from lit_diffac.faults import GracefulStop, NonFiniteUpdate, guarded_update
 from lit_diffac.losses import explained_variance, ppo_policy_loss, value_loss
 from lit_diffac.normalization import RewardNormalizer
 from lit_diffac.resume import CHECKPOINT_KEY, check_compatible, load_training_state, training_state
@@ -327,36 +327,7 @@ class LatentActorCritic(L.LightningModule):
 
     def _guarded_update(self, rollout: Rollout) -> dict[str, float]:
         """:meth:`update`, skipped (weights, optimisers, reward statistics untouched) when anything is non-finite."""
-        hp = self.hparams
-        problem = nonfinite_inputs(rollout.rewards, rollout.log_probs, rollout.values, self.reward_names)
-        if not self._everywhere(problem is None) and problem is None:  # every process skips together
-            problem = "another process had non-finite rewards, log-probs or values"
-        untouched = True
-        if problem is None:
-            trainable = [*self.backbone.policy_parameters(),
-                         *(self.critic_parameters() if self.value_head is not None else ())]
-            snapshot = TrainableSnapshot(trainable, self.actor_critic_optimizers(),
-                                         [self.reward_normalizer, self.estimator]) if hp.rollback_on_nonfinite else None
-            try:
-                metrics = self.update(rollout)
-                self.consecutive_bad = 0
-                return {**metrics, "fault/skipped": 0.0, "fault/skipped_iterations": float(self.skipped_iterations)}
-            except NonFiniteUpdate as err:
-                if snapshot is not None:
-                    snapshot.restore()
-                untouched, problem = snapshot is not None, str(err)
-        self.skipped_iterations += 1
-        self.consecutive_bad += 1
-        limit = hp.max_bad_iterations
-        kept = ", weights unchanged" if untouched else " (its earlier minibatch steps stand)"
-        self.print(f"[iteration {self.current_epoch}] update skipped{kept}: {problem} "
-                   f"({self.consecutive_bad} in a row; the run stops at {limit})")
-        if self.consecutive_bad >= limit:
-            self.consecutive_bad = 0
-            self.halt_reason = (f"{limit} consecutive iterations had non-finite values (last, iteration "
-                                f"{self.current_epoch}: {problem}); fix the reward or lower the learning rates, "
-                                "then resume")
-        return {"fault/skipped": 1.0, "fault/skipped_iterations": float(self.skipped_iterations)}
+        return guarded_update(self, rollout)
 
     def _everywhere(self, ok: bool) -> bool:
         """Whether ``ok`` holds in every process (so that all of them skip an update together)."""
@@ -546,27 +517,12 @@ class LatentActorCritic(L.LightningModule):
 
     def write_summary(self, path: Path) -> Path:
         """Base and final held-out metrics, final explained variance, samples seen and wall time."""
-        base = next((e for e in self.eval_history if e["label"] == "base"), None)
-        final = self.eval_history[-1] if self.eval_history else {}
-        recent = {k: sum(m[k] for m in self._recent if k in m) / sum(k in m for m in self._recent)
-                  for k in {k for m in self._recent for k in m}}
-        summary = {
-            "module": type(self).__name__,
-            "iterations": self.current_epoch,
-            "samples_seen": self.samples_seen,
-            "wall_time_s": time.perf_counter() - (self._fit_started or time.perf_counter()),
-            "base": {k: v for k, v in (base or {}).items() if k.startswith("eval/")},
-            "final": {k: v for k, v in final.items() if k.startswith("eval/")},
-            "final_explained_variance": recent.get("train/explained_variance"),
-            "final_train": {"averaged_over_iterations": len(self._recent),
-                            **{k: v for k, v in sorted(recent.items()) if not k.startswith("perf/")}},
-            "eval_history": self.eval_history,
-            "seed": self.hparams.seed,
-        }
+        wall = time.perf_counter() - (self._fit_started or time.perf_counter())
+        summary = run_summary(type(self).__name__, self.current_epoch, self.samples_seen, wall, self.eval_history,
+                              self._recent, self.hparams.seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2))
         return path
-
 
 def _has_adapter(module: nn.Module) -> bool:
     return any("lora_" in name for name, _ in module.named_parameters())
