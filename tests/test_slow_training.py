@@ -66,3 +66,12 @@ def test_sample_efficiency_benchmark_quick(tmp_path):
     assert {r.split(",")[1] for r in rows[1:]} == {"actor_critic", "grpo", "ddpo"}
     assert (tmp_path / "sample_efficiency.png").is_file()
     assert "actor-critic samples to reach it" in (tmp_path / "sample_efficiency.md").read_text()
+
+
+@pytest.mark.slow
+def test_critic_capacity_quick(capsys):
+    import benchmarks.critic_capacity as capacity
+
+    assert capacity.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "pixel CNN on x_t" in out and "Linear probe" in out
