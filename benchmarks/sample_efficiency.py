@@ -184,7 +184,7 @@ def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path)
             xs = [c[0] for c in curve]
             ax.plot(xs, [c[1] for c in curve], marker="o", ms=3, label=METHODS[method])
             ax.fill_between(xs, [c[2] for c in curve], [c[3] for c in curve], alpha=0.2)
-        ax.set_title(f"toy {backbone.upper()}")
+        ax.set_title({"dit": "toy DiT (flow SDE)", "unet": "toy UNet (DDIM)"}.get(backbone, backbone))
         ax.set_xlabel("generated training samples")
         ax.set_ylabel("held-out alignment accuracy")
         ax.grid(alpha=0.3)
