@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(name, " ".join(f"{v:.2f}" for v in result["ev"][name]), flush=True)
     result["class_probe"] = class_probe(data, n_train)
     result["prompt_only_accuracy"] = float((data["seen"] == data["asked"]).float()[n_train:].mean())
-    command = "python -m benchmarks.critic_capacity " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = ("python -m benchmarks.critic_capacity " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     result.update(command=command, minutes=(time.time() - start) / 60, machine=platform.node(),
                   cpus=os.cpu_count(), trajectories=n, train_trajectories=n_train)
     steps = range(len(t))

@@ -82,6 +82,42 @@ def measure(config: str, iterations: int, batch_size: int, accelerator: str = "c
     return out
 
 
+def write_plot(results: dict[str, dict], csv_path: Path, png_path: Path) -> None:
+    """CSV and bar chart of one or more ``overhead*.json`` results (``{label: json}``): time per part, memory."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [("perf/rollout_time", "rollout"), ("perf/update_time", "update")]
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["machine", "configuration", "rollout_s", "update_s", "plain_loop_s", "peak_rss_mb",
+                         "cuda_max_memory_mb"])
+        for label, result in results.items():
+            for config, r in result["rows"].items():
+                writer.writerow([label, config, r["perf/rollout_time"], r["perf/update_time"], r["plain_loop_time"],
+                                 r["peak_rss_mb"], r.get("cuda_max_memory_mb", "")])
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, (label, result) in zip(axes[0], results.items()):
+        rows = result["rows"]
+        names = [*rows, "plain loop"]
+        bottom = [0.0] * len(names)
+        for key, part in parts:
+            heights = [rows[c][key] for c in rows] + [rows["critic"]["plain_loop_time"] if key.endswith("rollout_time")
+                                                      else 0.0]
+            ax.bar(names, heights, bottom=bottom, label=part)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_title(label)
+        ax.set_ylabel("seconds per iteration (batch 32)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=10)
@@ -90,8 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"],
                         help="gpu: time on CUDA and report torch.cuda.max_memory_allocated (results: overhead_gpu.*)")
     parser.add_argument("--quick", action="store_true", help="2 iterations of 4 samples (checks the pipeline)")
+    parser.add_argument("--plot-from", nargs="+", type=Path, metavar="JSON",
+                        help="no measurement: write overhead.csv / overhead.png from earlier results (label=path ok)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plot_from:
+        results = {}
+        for item in args.plot_from:
+            label, _, path = str(item).rpartition("=")
+            results[label or Path(path).stem] = json.loads(Path(path).read_text())
+        write_plot(results, RESULTS / "overhead.csv", RESULTS / "overhead.png")
+        print(f"wrote {RESULTS / 'overhead.csv'} and {RESULTS / 'overhead.png'}")
+        return 0
     iterations, batch = (2, 4) if args.quick else (args.iterations, args.batch_size)
     if args.measure:
         print(json.dumps(measure(args.measure, iterations, batch, args.accelerator)))
