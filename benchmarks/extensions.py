@@ -1,8 +1,9 @@
 """The paper's extensions on the toy DiT: value pretraining, timestep conditioning, reward hacking, steering.
 
-    python -m benchmarks.extensions [--iters 300] [--seeds 0] [--threads 2] [--quick]
+    python -m benchmarks.extensions [--iters 300] [--seeds 0] [--threads 2] [--groups ...] [--out NAME] [--quick]
 
-Runs ``lit-diffac`` recipes in subprocesses and writes ``benchmarks/results/extensions.{csv,md,png}``:
+Runs ``lit-diffac`` recipes in subprocesses and writes ``benchmarks/results/<NAME>.{csv,md}`` (default
+``extensions``; with several seeds, a mean row per variant) and ``extensions_steering.png``:
 
 1. value pretraining for 0 / short / long iterations before PPO → final held-out alignment, explained variance;
 2. value head with vs without timestep conditioning → explained variance (overall, early, late) and alignment;
@@ -31,6 +32,7 @@ DIT = str(ROOT / "recipes" / "toy" / "actor_critic_dit.yaml")
 MULTI = str(ROOT / "recipes" / "toy" / "multi_reward_dit.yaml")
 VALUE = str(ROOT / "recipes" / "toy" / "value_pretrain_dit.yaml")
 JUDGE = "{class_path: lit_diffac.rewards.DigitAlignment}"
+GROUPS = ("value_pretraining", "timestep_conditioning", "reward_hacking", "steering")
 
 
 def lit_diffac(args: list[str], threads: int) -> str:
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS),
+                        help="which comparisons to run (default: all)")
+    parser.add_argument("--out", default="extensions", help="stem of the result files in benchmarks/results/")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     tiny = ["--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20"] if args.quick else []
@@ -83,31 +88,37 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
 
         # 1 + 2: value pretraining 0 / short / long; the 0 run is also the timestep-conditioned reference.
-        base = run(DIT, ac, args)
-        record("value_pretraining", "0 iterations", base)
-        for n in (pre_short, pre_long):
-            head = RESULTS / "runs" / "extensions" / f"value_head_{n}_seed{seed}.safetensors"
-            run(VALUE, [f"--trainer.max_epochs={n}", f"--model.init_args.output_path={head}"], args)
-            record("value_pretraining", f"{n} iterations", run(DIT, [*ac, f"--model.init_args.critic_init={head}"], args))
-        record("timestep_conditioning", "with (default)", base)
-        record("timestep_conditioning", "without",
-               run(DIT, [*ac, "--model.init_args.value_head.init_args.timestep_conditioning=false"], args))
+        base = run(DIT, ac, args) if {"value_pretraining", "timestep_conditioning", "steering"} & set(args.groups) \
+            else None
+        if "value_pretraining" in args.groups:
+            record("value_pretraining", "0 iterations", base)
+            for n in (pre_short, pre_long):
+                head = RESULTS / "runs" / "extensions" / f"value_head_{n}_seed{seed}.safetensors"
+                run(VALUE, [f"--trainer.max_epochs={n}", f"--model.init_args.output_path={head}"], args)
+                record("value_pretraining", f"{n} iterations",
+                       run(DIT, [*ac, f"--model.init_args.critic_init={head}"], args))
+        if "timestep_conditioning" in args.groups:
+            record("timestep_conditioning", "with (default)", base)
+            record("timestep_conditioning", "without",
+                   run(DIT, [*ac, "--model.init_args.value_head.init_args.timestep_conditioning=false"], args))
         # 3: reward hacking.
-        bright_only = [*ac, "--model.init_args.rewards=[{class_path: lit_diffac.rewards.Brightness}]",
-                       f"--model.init_args.eval_rewards=[{JUDGE}]"]
-        record("reward_hacking", "brightness only", run(DIT, bright_only, args))
-        record("reward_hacking", "brightness + alignment, one head per reward", run(MULTI, ac, args))
-        record("reward_hacking", "brightness + alignment, one head on the sum",
-               run(MULTI, [*ac, "--model.init_args.value_per_reward=false"], args))
+        if "reward_hacking" in args.groups:
+            bright_only = [*ac, "--model.init_args.rewards=[{class_path: lit_diffac.rewards.Brightness}]",
+                           f"--model.init_args.eval_rewards=[{JUDGE}]"]
+            record("reward_hacking", "brightness only", run(DIT, bright_only, args))
+            record("reward_hacking", "brightness + alignment, one head per reward", run(MULTI, ac, args))
+            record("reward_hacking", "brightness + alignment, one head on the sum",
+                   run(MULTI, [*ac, "--model.init_args.value_per_reward=false"], args))
         # 4: steering sweep and best-of-N on the trained policy (the value-pretraining-0 run).
-        ckpt = Path(base["log_dir"]) / "checkpoints" / "last.ckpt"
-        samples_per_prompt = 2 if args.quick else 25
-        for scale in args.scales:
-            rows.append(sample_row(seed, f"steer scale {scale:g}", ckpt, samples_per_prompt, args,
-                                   ["--scale", str(scale), "--steps", "all"]))
-        for n, rank in ((3, "value"), (3, "digit_alignment")):
-            rows.append(sample_row(seed, f"best-of-{n} by {rank}", ckpt, samples_per_prompt, args,
-                                   ["--best-of", str(n), "--rank-by", rank]))
+        if "steering" in args.groups:
+            ckpt = Path(base["log_dir"]) / "checkpoints" / "last.ckpt"
+            samples_per_prompt = 2 if args.quick else 25
+            for scale in args.scales:
+                rows.append(sample_row(seed, f"steer scale {scale:g}", ckpt, samples_per_prompt, args,
+                                       ["--scale", str(scale), "--steps", "all"]))
+            for n, rank in ((3, "value"), (3, "digit_alignment")):
+                rows.append(sample_row(seed, f"best-of-{n} by {rank}", ckpt, samples_per_prompt, args,
+                                       ["--best-of", str(n), "--rank-by", rank]))
     write(rows, args, time.time() - started)
     return 0
 
@@ -129,11 +140,11 @@ def sample_row(seed: int, variant: str, ckpt: Path, samples_per_prompt: int, arg
 def write(rows: list[dict], args, seconds: float) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with (RESULTS / "extensions.csv").open("w", newline="") as f:
+    with (RESULTS / f"{args.out}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    command = "python -m benchmarks.extensions " + " ".join(sys.argv[1:])
+    command = ("python -m benchmarks.extensions " + " ".join(sys.argv[1:])).strip()
     lines = [f"`{command}` — {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}, "
              f"OMP_NUM_THREADS={args.threads}, {seconds / 60:.0f} min", ""]
     for group in dict.fromkeys(r["group"] for r in rows):
@@ -142,9 +153,17 @@ def write(rows: list[dict], args, seconds: float) -> None:
         lines += [f"**{group}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in sub:
             lines.append("| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |")
+        if len({r["seed"] for r in sub}) > 1:  # mean over seeds per variant
+            for variant in dict.fromkeys(r["variant"] for r in sub):
+                same = [r for r in sub if r["variant"] == variant]
+                mean = {k: sum(r[k] for r in same) / len(same) for k in cols
+                        if all(isinstance(r.get(k), (int, float)) for r in same) and k != "seed"}
+                lines.append("| " + " | ".join(
+                    "mean" if k == "seed" else variant if k == "variant" else _fmt(mean.get(k)) for k in cols) + " |")
         lines.append("")
-    (RESULTS / "extensions.md").write_text("\n".join(lines))
-    plot(rows)
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines))
+    if any(r["variant"].startswith("steer") for r in rows):
+        plot(rows)
     print("\n".join(lines))
 
 
