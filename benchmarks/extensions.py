@@ -3,7 +3,7 @@
     python -m benchmarks.extensions [--iters 300] [--seeds 0] [--threads 2] [--groups ...] [--out NAME] [--quick]
 
 Runs ``lit-diffac`` recipes in subprocesses and writes ``benchmarks/results/<NAME>.{csv,md}`` (default
-``extensions``; with several seeds, a mean row per variant) and ``extensions_steering.png``:
+``extensions``; with several seeds, a mean row per variant) and ``<NAME>_steering.png``:
 
 1. value pretraining for 0 / short / long iterations before PPO → final held-out alignment, explained variance;
 2. value head with vs without timestep conditioning → explained variance (overall, early, late) and alignment;
@@ -46,7 +46,7 @@ def lit_diffac(args: list[str], threads: int) -> str:
 def run(recipe: str, overrides: list[str], cfg) -> dict:
     """Run a recipe, return its summary.json (plus the checkpoint folder)."""
     stdout = lit_diffac(["run", recipe, "--trainer.enable_progress_bar=false",
-                         f"--trainer.logger.init_args.save_dir={RESULTS / 'runs' / 'extensions'}",
+                         f"--trainer.logger.init_args.save_dir={RESULTS / 'runs' / cfg.out}",
                          *cfg.common, *overrides], cfg.threads)
     path = Path(stdout.strip().splitlines()[-1].removeprefix("summary: "))
     summary = json.loads(path.read_text())
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if "value_pretraining" in args.groups:
             record("value_pretraining", "0 iterations", base)
             for n in (pre_short, pre_long):
-                head = RESULTS / "runs" / "extensions" / f"value_head_{n}_seed{seed}.safetensors"
+                head = RESULTS / "runs" / args.out / f"value_head_{n}_seed{seed}.safetensors"
                 run(VALUE, [f"--trainer.max_epochs={n}", f"--model.init_args.output_path={head}"], args)
                 record("value_pretraining", f"{n} iterations",
                        run(DIT, [*ac, f"--model.init_args.critic_init={head}"], args))
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sample_row(seed: int, variant: str, ckpt: Path, samples_per_prompt: int, args, extra: list[str]) -> dict:
-    out = RESULTS / "runs" / "extensions" / f"samples_{variant.replace(' ', '_')}_seed{seed}"
+    out = RESULTS / "runs" / args.out / f"samples_{variant.replace(' ', '_')}_seed{seed}"
     lit_diffac(["sample", "--config", DIT, "--ckpt", str(ckpt), "--prompts", "toy:heldout", "--seed", "12345",
                 "--samples-per-prompt", str(samples_per_prompt), "--out", str(out), *extra,
                 "--trainer.logger=false"], args.threads)
@@ -163,7 +163,7 @@ def write(rows: list[dict], args, seconds: float) -> None:
         lines.append("")
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines))
     if any(r["variant"].startswith("steer") for r in rows):
-        plot(rows)
+        plot(rows, RESULTS / f"{args.out}_steering.png")
     print("\n".join(lines))
 
 
@@ -171,7 +171,7 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +188,7 @@ def plot(rows: list[dict]) -> None:
     ax.set_ylabel("held-out alignment accuracy")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "extensions_steering.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
