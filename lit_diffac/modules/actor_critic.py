@@ -307,7 +307,7 @@ class LatentActorCritic(L.LightningModule):
         rollout.rewards = self.score(rollout.images, prompts)
         self._sync()
         reward_time = time.perf_counter() - start - rollout_time
-        metrics = self._guarded_update(rollout)
+        metrics = guarded_update(self, rollout)  # update(), skipped and rolled back if anything is non-finite
         self._sync()
         iteration_time = time.perf_counter() - start
         samples = hp.batch_size * self.trainer.world_size
@@ -324,10 +324,6 @@ class LatentActorCritic(L.LightningModule):
         """Wait for queued GPU work, so the ``perf/…`` timings measure it (a no-op on the CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _guarded_update(self, rollout: Rollout) -> dict[str, float]:
-        """:meth:`update`, skipped (weights, optimisers, reward statistics untouched) when anything is non-finite."""
-        return guarded_update(self, rollout)
 
     def _everywhere(self, ok: bool) -> bool:
         """Whether ``ok`` holds in every process (so that all of them skip an update together)."""
