@@ -1,9 +1,11 @@
 """Run one recipe under several seeds and tabulate the ``summary.json`` of each run.
 
-    python -m benchmarks.seeds recipes/toy/actor_critic_dit.yaml --seeds 0 1 2 [--threads 2] [-- overrides...]
+    python -m benchmarks.seeds recipes/toy/actor_critic_dit.yaml --seeds 0 1 2 [--threads 2] [--jobs 1]
+        [-- overrides...]
 
 Each seed runs ``lit-diffac run RECIPE --seed_everything=S --model.init_args.seed=S`` in a subprocess (so a
-run's wall time is its own), then a Markdown table and a JSON file go to ``benchmarks/results/``:
+run's wall time is its own; ``--jobs N`` runs N side by side, whose wall times then include sharing the CPU),
+then a Markdown table and a JSON file go to ``benchmarks/results/``:
 held-out alignment before and after, the gain, the critic's final explained variance (overall and per third
 of the chain), samples seen and wall time, plus mean and spread (min–max) over seeds.
 """
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,18 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side")
     parser.add_argument("--out", default=None, help="result name (default: the recipe's stem)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides, after --")
     args = parser.parse_args(argv)
     name = args.out or Path(args.recipe).stem
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for seed in args.seeds:
-        rows.append(row(seed, run_seed(args.recipe, seed, args.threads, args.overrides, RESULTS / "runs")))
-        print(json.dumps(rows[-1]), flush=True)
+    def one(seed: int) -> dict:
+        result = row(seed, run_seed(args.recipe, seed, args.threads, args.overrides, RESULTS / "runs"))
+        print(json.dumps(result), flush=True)
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = list(pool.map(one, args.seeds))
     command = "python -m benchmarks.seeds " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"`{command}` — {platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), "
-              f"{time.strftime('%Y-%m-%d')}, OMP_NUM_THREADS={args.threads}\n\n")
+              f"{time.strftime('%Y-%m-%d')}, OMP_NUM_THREADS={args.threads}, {args.jobs} run(s) at a time\n\n")
     (RESULTS / f"{name}_seeds.md").write_text(header + table(rows) + "\n")
     (RESULTS / f"{name}_seeds.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     print(header + table(rows))

@@ -7,6 +7,7 @@ An RL module additionally needs, to continue *bit for bit*:
 * ``samples_seen``, the held-out evaluation history (``summary.json``), the window of recent training
   metrics (``summary.json``'s ``final_train``) and the fault counters;
 * the advantage estimator's own state (DDPO's per-prompt reward buffers);
+* the critic replay (cached features and value targets of the last iterations; ``checkpoint_critic_replay``);
 * the global random number generators (rollout and minibatch randomness is drawn from generators seeded
   by (seed, iteration, rank) and needs none, but user code, dropout or a reward may use the global ones).
 
@@ -71,8 +72,17 @@ def training_state(module: Any) -> dict[str, Any]:
         "estimator": estimator_state(module.estimator),
         "skipped_iterations": int(module.skipped_iterations),
         "consecutive_bad": int(module.consecutive_bad),
+        "critic_replay": critic_replay_state(module),
         "rng": capture_rng_state(),
     }
+
+
+def critic_replay_state(module: Any) -> dict[str, Any] | None:
+    """The module's critic replay (cached features and targets), unless it has none or opts out."""
+    replay = getattr(module, "critic_replay", None)
+    if replay is None or not len(replay) or not module.hparams.get("checkpoint_critic_replay", True):
+        return None
+    return replay.state_dict()
 
 
 def load_training_state(module: Any, state: Mapping[str, Any], rng: bool = True) -> None:
@@ -83,6 +93,8 @@ def load_training_state(module: Any, state: Mapping[str, Any], rng: bool = True)
     if state["estimator"] is not None:
         module.estimator.load_state_dict(state["estimator"])
     module.skipped_iterations, module.consecutive_bad = state["skipped_iterations"], state["consecutive_bad"]
+    if state.get("critic_replay") is not None:
+        module.critic_replay.load_state_dict(state["critic_replay"])
     if rng:
         restore_rng_state(state["rng"])
 

@@ -62,17 +62,19 @@ def assert_same_state(a, b) -> None:
 
 
 @pytest.mark.parametrize("cls, kw", [(LatentActorCritic, {}),
+                                     (LatentActorCritic, {"critic_epochs": 1, "critic_replay": 3}),
                                      (DDPO, {"estimator": PerPromptStats(buffer_size=8, min_count=2)})],
-                         ids=["actor_critic", "ddpo"])
+                         ids=["actor_critic", "actor_critic_replay", "ddpo"])
 def test_four_iterations_equal_two_plus_resume_plus_two(cls, kw, toy_pipelines, tmp_path):
     pipeline = toy_pipelines["dit"]
     whole, whole_metrics, _ = fit(cls, pipeline, tmp_path, "whole", 4, **kw)
-    kw2 = {k: PerPromptStats(buffer_size=8, min_count=2) for k in kw}  # a fresh estimator per run
+    fresh = lambda: {k: PerPromptStats(buffer_size=8, min_count=2) if k == "estimator" else v for k, v in kw.items()}
+    kw2 = fresh()  # a fresh estimator per run
     first, first_metrics, _ = fit(cls, pipeline, tmp_path, "split", 2, **kw2)
     ckpt = tmp_path / "split" / "ckpt" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain tensors, numbers, lists, dicts
     assert state[CHECKPOINT_KEY]["samples_seen"] == 8 and state["epoch"] == 1
-    kw3 = {k: PerPromptStats(buffer_size=8, min_count=2) for k in kw}
+    kw3 = fresh()
     resumed, resumed_metrics, _ = fit(cls, pipeline, tmp_path, "resumed", 4, ckpt_path=ckpt, **kw3)
 
     assert len(whole_metrics) == 4 and len(resumed_metrics) == 2
@@ -86,6 +88,9 @@ def test_four_iterations_equal_two_plus_resume_plus_two(cls, kw, toy_pipelines, 
     summaries = [json.loads((tmp_path / n / "version_0" / "summary.json").read_text()) for n in ("whole", "resumed")]
     for key in ("iterations", "samples_seen", "base", "final", "final_train", "eval_history"):
         assert summaries[0][key] == summaries[1][key], key
+    if "critic_replay" in kw:  # the replay (2 iterations when saved) came back from the checkpoint
+        assert len(state[CHECKPOINT_KEY]["critic_replay"]["entries"]) == 2
+        assert len(resumed.critic_replay.entries) == len(whole.critic_replay.entries) == 3
     if cls is DDPO:
         assert resumed.estimator.state_dict() == whole.estimator.state_dict()
         buffers = whole.estimator.trackers[0].buffers
@@ -119,3 +124,13 @@ def test_resuming_a_checkpoint_of_another_backbone_fails_clearly(toy_pipelines, 
     with pytest.raises(CheckpointMismatchError,
                        match=r"was written by a different model \(tensors missing: .*\)\. Use the recipe"):
         trainer.fit(module, ckpt_path=ckpt)
+
+
+def test_a_replay_left_out_of_checkpoints_is_refilled(toy_pipelines, tmp_path):
+    """``checkpoint_critic_replay=False``: small checkpoints, and the resumed run starts an empty replay."""
+    kw = {"critic_epochs": 1, "critic_replay": 3, "checkpoint_critic_replay": False}
+    fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "split", 2, **kw)
+    ckpt = tmp_path / "split" / "ckpt" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)[CHECKPOINT_KEY]["critic_replay"] is None
+    resumed, _, _ = fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "resumed", 3, ckpt_path=ckpt, **kw)
+    assert len(resumed.critic_replay.entries) == 1

@@ -75,3 +75,12 @@ def test_critic_capacity_quick(capsys):
     assert capacity.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "pixel CNN on x_t" in out and "Linear probe" in out
+
+
+@pytest.mark.slow
+def test_critic_replay_quick(capsys):
+    from benchmarks import critic_replay
+
+    assert critic_replay.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "replay 32, minibatch 128; the recipe" in out and "Last-step / mean EV" in out

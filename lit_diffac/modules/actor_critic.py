@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
+from lit_diffac.critic_replay import CriticReplay, fit_critic
 from lit_diffac.data.prompts import PromptSource, load_prompts
 from lit_diffac.evaluation import default_sampler, evaluate, run_summary
 from lit_diffac.estimators import AdvantageEstimator, CriticGAE
@@ -71,9 +72,17 @@ class LatentActorCritic(L.LightningModule):
         kl_coef: weight β of the per-step KL to the reference policy, ``‖μ_θ − μ_ref‖² / (2σ²)`` (Flow-GRPO form);
             the reference is the base model, computed by disabling the LoRA adapter (no weight copy), so it
             needs ``lora_rank > 0``.
-        critic_epochs: extra value-only passes per iteration over the rollout's cached features (no extra
-            backbone pass; needs ``value_gradient="detached"``).  0 is the paper's setting; a small critic
-            on a short budget learns to read ``x_t`` much sooner with a few.
+        critic_epochs: extra value-only passes per iteration on cached features (no extra backbone pass, only
+            the head; needs ``value_gradient="detached"``).  Each pass regresses the head on ``batch_size ×
+            num_steps`` (trajectory, step) pairs drawn from the critic replay (:mod:`lit_diffac.critic_replay`).
+            0 is the paper's setting.
+        critic_replay: iterations whose features and value targets the extra passes draw from (1: this
+            iteration's rollout only).  A replay of a few dozen iterations is what makes the toy critic read
+            ``x_t`` (PPG-style auxiliary value phase); features are stored in bf16 (about 10 MB per iteration
+            for the toy DiT recipe).
+        checkpoint_critic_replay: save the critic replay in checkpoints, so that a resumed run is exact
+            (``False``: smaller checkpoints; a resumed run refills the replay and is no longer bit-identical).
+        critic_minibatch_size: minibatch of the extra passes (``None``: ``minibatch_size``).
         actor_lr, critic_lr: AdamW learning rates.
         betas, weight_decay: AdamW settings for both optimisers.
         max_grad_norm, critic_max_grad_norm: gradient clipping (``None``: off).
@@ -125,6 +134,9 @@ class LatentActorCritic(L.LightningModule):
         value_loss_coef: float = 1.0,
         kl_coef: float = 0.0,
         critic_epochs: int = 0,
+        critic_replay: int = 1,
+        critic_minibatch_size: int | None = None,
+        checkpoint_critic_replay: bool = True,
         actor_lr: float = 1e-4,
         critic_lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -149,7 +161,8 @@ class LatentActorCritic(L.LightningModule):
             ignore=["backbone", "rewards", "sampler", "value_head", "estimator", "eval_rewards"])
         _check_config(batch_size=batch_size, minibatch_size=minibatch_size, num_inner_epochs=num_inner_epochs,
                       timestep_fraction=timestep_fraction, clip_range=clip_range, cfg_scale=cfg_scale,
-                      critic_epochs=critic_epochs, value_gradient=value_gradient,
+                      critic_epochs=critic_epochs, critic_replay=critic_replay,
+                      critic_minibatch_size=critic_minibatch_size, value_gradient=value_gradient,
                       value_warmup_iters=value_warmup_iters, samples_per_prompt=samples_per_prompt,
                       kl_coef=kl_coef, max_bad_iterations=max_bad_iterations)
         if kl_coef and not getattr(backbone, "lora_rank", 0) and not _has_adapter(backbone.denoiser):
@@ -194,6 +207,7 @@ class LatentActorCritic(L.LightningModule):
         self.samples_seen = 0
         self._fit_started: float | None = None
         self._recent: list[dict[str, float]] = []
+        self.critic_replay = CriticReplay(critic_replay, storage_dtype=torch.bfloat16)
         self.skipped_iterations, self.consecutive_bad, self.halt_reason = 0, 0, None
 
     # ------------------------------------------------------------------ configuration
@@ -422,7 +436,7 @@ class LatentActorCritic(L.LightningModule):
                     sums.setdefault(key, []).append(float(value.detach()) if torch.is_tensor(value) else value)
         self.backbone.eval()
         if self._needs_features() and est.targets is not None:
-            metrics["train/critic_extra_value_loss"] = self.fit_critic(rollout, est.targets, critic_opt, generator)
+            metrics.update(self.fit_critic(rollout, est.targets, critic_opt, generator))
         metrics.update({key: sum(v) / len(v) for key, v in sums.items()})
         metrics["train/actor_updated"] = float(train_actor)
         metrics["train/ratio_min"] = min(sums["train/ratio_min"])
@@ -431,26 +445,32 @@ class LatentActorCritic(L.LightningModule):
         metrics["train/advantage_abs_mean"] = est.advantages.abs().mean().item()
         return metrics
 
-    def fit_critic(self, rollout: Rollout, targets: torch.Tensor, optimizer, generator: torch.Generator) -> float:
-        """``critic_epochs`` value-regression passes on the rollout's cached features; returns the last loss."""
+    def fit_critic(self, rollout: Rollout, targets: torch.Tensor, optimizer, generator: torch.Generator
+                   ) -> dict[str, float]:
+        """Add the rollout to the critic replay, then ``critic_epochs`` value-only passes drawn from it."""
         hp = self.hparams
-        batch, num_steps = rollout.batch_size, rollout.num_steps
-        loss = torch.zeros(())
-        for _ in range(hp.critic_epochs):
-            flat = torch.randperm(batch * num_steps, generator=generator, device=self.device)
-            for start in range(0, len(flat), hp.minibatch_size):
-                i, k = (flat[start:start + hp.minibatch_size]).div(num_steps, rounding_mode="floor"), \
-                    flat[start:start + hp.minibatch_size] % num_steps
-                values = self.value_head([f[i, k] for f in rollout.features],
-                                         self.sampler.timestep_fraction(k).to(self.device), rollout.embeds.pooled[i])
-                loss = value_loss(values, targets[i, k], rollout.values[i, k], hp.value_clip_range).loss
-                optimizer.zero_grad(set_to_none=True)
-                self._require_finite(float(loss.detach()), "extra critic epoch loss is not finite")
-                self.manual_backward(loss)
-                self._require_finite(_clip(list(self.value_head.parameters()), hp.critic_max_grad_norm),
-                                     "extra critic epoch gradient is not finite")
-                optimizer.step()
-        return float(loss.detach())
+        self.critic_replay.add(rollout.features, rollout.embeds.pooled, targets, rollout.values)
+
+        def backward(loss: torch.Tensor) -> None:
+            self._require_finite(float(loss.detach()), "extra critic epoch loss is not finite")
+            self.manual_backward(loss)
+
+        def clip(params: list[nn.Parameter]) -> float:
+            norm = _clip(params, hp.critic_max_grad_norm)
+            self._require_finite(norm, "extra critic epoch gradient is not finite")
+            return norm
+
+        try:
+            fit = fit_critic(self.value_head, self.critic_replay, optimizer, passes=hp.critic_epochs,
+                             pairs_per_pass=targets.shape[0] * targets.shape[1],
+                             minibatch_size=hp.critic_minibatch_size or hp.minibatch_size,
+                             timestep_fraction=lambda k: self.sampler.timestep_fraction(k).to(self.device),
+                             generator=generator, value_clip_range=hp.value_clip_range, backward=backward, clip=clip)
+        except NonFiniteUpdate:
+            self.critic_replay.entries.pop()  # the iteration is rolled back: so is its replay entry
+            raise
+        return {"train/critic_extra_value_loss": fit["loss"], "train/critic_extra_grad_norm": fit["grad_norm"],
+                "train/critic_replay_pairs": float(len(self.critic_replay))}
 
     @property
     def reward_names(self) -> list[str]:
@@ -568,6 +588,10 @@ def _check_config(**kw) -> None:
         problems.append(f"max_bad_iterations must be >= 1 (got {kw['max_bad_iterations']})")
     if kw["critic_epochs"] < 0:
         problems.append(f"critic_epochs must be >= 0 (got {kw['critic_epochs']})")
+    if kw["critic_replay"] < 1:
+        problems.append(f"critic_replay must be >= 1 iteration (got {kw['critic_replay']})")
+    if kw["critic_minibatch_size"] is not None and kw["critic_minibatch_size"] < 1:
+        problems.append(f"critic_minibatch_size must be >= 1 (got {kw['critic_minibatch_size']})")
     if kw["critic_epochs"] and kw["value_gradient"] != "detached":
         problems.append("critic_epochs needs value_gradient='detached' (cached features carry no backbone graph)")
     if not kw["cfg_scale"] >= 1.0:

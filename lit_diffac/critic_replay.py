@@ -1,0 +1,145 @@
+"""Extra value-only updates of the critic on cached backbone features, from a replay of recent rollouts.
+
+The PPO minibatches train the critic on each (trajectory, step) pair of a rollout once.  On the toy models that
+is too little for the head to learn to read ``x_t``: it settles on a per-prompt average, with the same explained
+variance at every step (``benchmarks/critic_replay.py`` measures it).  Value regression on the *cached* features
+of the last few iterations' rollouts — no extra backbone pass, only the light head — gives each minibatch
+pairs from many prompts, noise draws and policy versions, and the head then learns the state.  This is the
+auxiliary value phase of phasic policy gradient (PPG, Cobbe et al. 2021) in its simplest form.
+
+Stored per iteration (``n`` trajectories, ``K`` steps, ``R`` value outputs): the features of every tap
+``[n, K, ...]`` (in ``storage_dtype``), the pooled prompt embeddings ``[n, P]``, the value targets ``[n, K, R]``
+and the rollout's values ``[n, K, R]`` (for value clipping), on the features' device.  Older entries' targets
+are returns of an older policy: slightly off-policy, which is why the replay is short.  At SD scale the features
+of one iteration take gigabytes: keep ``critic_replay`` small there (or ``critic_epochs`` at 0, the paper's setting).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lit_diffac.losses import value_loss
+
+
+@dataclass
+class ReplayEntry:
+    """One iteration's value-regression data (shapes: ``n`` trajectories, ``K`` steps, ``R`` value outputs).
+
+    Attributes:
+        features: one ``[n, K, ...]`` tensor per feature tap.
+        pooled: ``[n, P]`` pooled prompt embeddings (the head's text condition).
+        targets: ``[n, K, R]`` value targets ``G`` (GAE returns of the standardised rewards).
+        old_values: ``[n, K, R]`` the rollout's ``V_old`` (the centre of the optional value clipping).
+    """
+
+    features: list[torch.Tensor]
+    pooled: torch.Tensor
+    targets: torch.Tensor
+    old_values: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.targets.shape[0] * self.targets.shape[1]
+
+
+class CriticReplay:
+    """The cached features and value targets of the last ``capacity`` iterations (a FIFO of :class:`ReplayEntry`).
+
+    Args:
+        capacity: iterations kept (1: only the current rollout).
+        storage_dtype: dtype the features are stored in (``torch.bfloat16`` halves the memory of fp32
+            features; the head reads them back in fp32).  ``None`` keeps the features' own dtype.
+    """
+
+    def __init__(self, capacity: int, storage_dtype: torch.dtype | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"the critic replay keeps at least 1 iteration (got {capacity})")
+        self.capacity = capacity
+        self.storage_dtype = storage_dtype
+        self.entries: deque[ReplayEntry] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        """Number of stored (trajectory, step) pairs."""
+        return sum(e.num_pairs for e in self.entries)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def state_dict(self) -> dict:
+        """The stored entries as plain tensors and lists (checkpoints load it with ``weights_only=True``)."""
+        return {"entries": [{"features": list(e.features), "pooled": e.pooled, "targets": e.targets,
+                             "old_values": e.old_values} for e in self.entries]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the entries with those of :meth:`state_dict` (the newest ``capacity`` of them)."""
+        self.entries.clear()
+        for entry in state["entries"]:
+            self.entries.append(ReplayEntry(features=list(entry["features"]), pooled=entry["pooled"],
+                                            targets=entry["targets"], old_values=entry["old_values"]))
+
+    def add(self, features: list[torch.Tensor], pooled: torch.Tensor, targets: torch.Tensor,
+            old_values: torch.Tensor) -> None:
+        """Append one iteration (dropping the oldest beyond ``capacity``); shapes as in :class:`ReplayEntry`."""
+        dtype = self.storage_dtype
+        self.entries.append(ReplayEntry(
+            features=[f.detach().to(dtype) if dtype is not None else f.detach() for f in features],
+            pooled=pooled.detach(), targets=targets.detach(), old_values=old_values.detach()))
+
+    def minibatches(self, num_pairs: int, minibatch_size: int, generator: torch.Generator):
+        """Yield ``(features, step_index [M], pooled [M, P], targets [M, R], old_values [M, R])`` minibatches.
+
+        ``num_pairs`` pairs are drawn uniformly without replacement from all stored pairs (all of them when
+        ``num_pairs`` is larger), shuffled, and cut into minibatches of ``minibatch_size``.
+        """
+        sizes = torch.tensor([e.num_pairs for e in self.entries])
+        starts = torch.cumsum(sizes, 0) - sizes
+        device = self.entries[-1].targets.device  # entries loaded from a checkpoint may sit elsewhere
+        order = torch.randperm(int(sizes.sum()), generator=generator, device=generator.device)[:num_pairs].cpu()
+        for chunk in order.split(minibatch_size):
+            entry_index = torch.searchsorted(starts, chunk, right=True) - 1
+            parts = []
+            for j in entry_index.unique().tolist():
+                entry = self.entries[j]
+                local = chunk[entry_index == j] - starts[j]
+                steps, here = entry.targets.shape[1], entry.targets.device
+                i, k = (local // steps).to(here), (local % steps).to(here)
+                parts.append(([f[i, k].to(device, torch.float32) for f in entry.features], k.to(device),
+                              entry.pooled[i].to(device), entry.targets[i, k].to(device),
+                              entry.old_values[i, k].to(device)))
+            features = [torch.cat(per_tap) for per_tap in zip(*(p[0] for p in parts))]
+            yield (features, *(torch.cat([p[n] for p in parts]) for n in range(1, 5)))
+
+
+def fit_critic(value_head: nn.Module, replay: CriticReplay, optimizer: torch.optim.Optimizer, *, passes: int,
+               pairs_per_pass: int, minibatch_size: int, timestep_fraction: Callable[[torch.Tensor], torch.Tensor],
+               generator: torch.Generator, value_clip_range: float | None = None,
+               backward: Callable[[torch.Tensor], None] | None = None,
+               clip: Callable[[list[nn.Parameter]], float] | None = None) -> dict[str, float]:
+    """``passes`` rounds of value regression on ``pairs_per_pass`` replayed pairs each; returns diagnostics.
+
+    Each minibatch: ``V = value_head(features, t/T, pooled)``, loss ``½ mean((V − G)²)`` (clipped around
+    ``V_old`` when ``value_clip_range``), one optimiser step.  ``backward`` (default ``loss.backward()``) and
+    ``clip`` (gradient clipping returning the norm) let a LightningModule pass its own.
+
+    Returns ``{"loss": last minibatch's value loss, "grad_norm": mean norm before clipping (0 without ``clip``),
+    "minibatches": count}``.
+    """
+    backward = backward or (lambda loss: loss.backward())
+    loss, norms, steps = torch.zeros(()), [], 0
+    for _ in range(passes):
+        for features, k, pooled, targets, old_values in replay.minibatches(pairs_per_pass, minibatch_size, generator):
+            values = value_head(features, timestep_fraction(k), pooled)
+            loss = value_loss(values, targets, old_values, value_clip_range).loss
+            optimizer.zero_grad(set_to_none=True)
+            backward(loss)
+            if clip is not None:
+                norms.append(clip(list(value_head.parameters())))
+            optimizer.step()
+            steps += 1
+    return {"loss": float(loss.detach()), "grad_norm": sum(norms) / len(norms) if norms else 0.0,
+            "minibatches": float(steps)}
