@@ -80,9 +80,9 @@ class LatentActorCritic(L.LightningModule):
             iteration's rollout only).  A replay of a few dozen iterations is what makes the toy critic read
             ``x_t`` (PPG-style auxiliary value phase); features are stored in bf16 (about 10 MB per iteration
             for the toy DiT recipe).
+        critic_minibatch_size: minibatch of the extra passes (``None``: ``minibatch_size``).
         checkpoint_critic_replay: save the critic replay in checkpoints, so that a resumed run is exact
             (``False``: smaller checkpoints; a resumed run refills the replay and is no longer bit-identical).
-        critic_minibatch_size: minibatch of the extra passes (``None``: ``minibatch_size``).
         actor_lr, critic_lr: AdamW learning rates.
         betas, weight_decay: AdamW settings for both optimisers.
         max_grad_norm, critic_max_grad_norm: gradient clipping (``None``: off).
