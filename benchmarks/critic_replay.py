@@ -42,8 +42,8 @@ BATCH = 32  # trajectories per iteration, as in the recipe
 VARIANTS = {
     "PPO minibatches only (critic_epochs 0, the paper's setting)": (0, 1, 64),
     "+ 2 extra passes on the current rollout (critic_epochs 2)": (2, 1, 64),
-    "+ 1 extra pass from 8 iterations (replay 8, minibatch 128)": (1, 8, 128),
-    "+ 1 extra pass from 32 iterations (replay 32, minibatch 128; the recipe)": (1, 32, 128),
+    "+ 1 extra pass from 32 iterations (critic_replay 32, minibatch 128)": (1, 32, 128),
+    "+ 2 extra passes from 32 iterations (the main recipe: critic_epochs 2, critic_replay 32)": (2, 32, 128),
 }
 
 

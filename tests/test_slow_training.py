@@ -83,4 +83,4 @@ def test_critic_replay_quick(capsys):
 
     assert critic_replay.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    assert "replay 32, minibatch 128; the recipe" in out and "Last-step / mean EV" in out
+    assert "the main recipe: critic_epochs 2, critic_replay 32" in out and "Last-step / mean EV" in out

@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
-from lit_diffac.critic_replay import CriticReplay, fit_critic
+from lit_diffac.critic_replay import CriticReplay
+from lit_diffac.critic_replay import fit_critic as regress_on_replay
 from lit_diffac.data.prompts import PromptSource, load_prompts
 from lit_diffac.evaluation import default_sampler, evaluate, run_summary
 from lit_diffac.estimators import AdvantageEstimator, CriticGAE
@@ -461,11 +462,12 @@ class LatentActorCritic(L.LightningModule):
             return norm
 
         try:
-            fit = fit_critic(self.value_head, self.critic_replay, optimizer, passes=hp.critic_epochs,
-                             pairs_per_pass=targets.shape[0] * targets.shape[1],
-                             minibatch_size=hp.critic_minibatch_size or hp.minibatch_size,
-                             timestep_fraction=lambda k: self.sampler.timestep_fraction(k).to(self.device),
-                             generator=generator, value_clip_range=hp.value_clip_range, backward=backward, clip=clip)
+            fit = regress_on_replay(self.value_head, self.critic_replay, optimizer, passes=hp.critic_epochs,
+                                    pairs_per_pass=targets.shape[0] * targets.shape[1],
+                                    minibatch_size=hp.critic_minibatch_size or hp.minibatch_size,
+                                    timestep_fraction=lambda k: self.sampler.timestep_fraction(k).to(self.device),
+                                    generator=generator, value_clip_range=hp.value_clip_range, backward=backward,
+                                    clip=clip)
         except NonFiniteUpdate:
             self.critic_replay.entries.pop()  # the iteration is rolled back: so is its replay entry
             raise
