@@ -67,20 +67,13 @@ class CriticReplay:
         """Number of stored (trajectory, step) pairs."""
         return sum(e.num_pairs for e in self.entries)
 
-    def clear(self) -> None:
-        self.entries.clear()
-
     def state_dict(self) -> dict:
         """The stored entries as plain tensors and lists (checkpoints load it with ``weights_only=True``)."""
-        return {"entries": [{"features": list(e.features), "pooled": e.pooled, "targets": e.targets,
-                             "old_values": e.old_values} for e in self.entries]}
+        return {"entries": [dict(vars(e)) for e in self.entries]}
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the entries with those of :meth:`state_dict` (the newest ``capacity`` of them)."""
-        self.entries.clear()
-        for entry in state["entries"]:
-            self.entries.append(ReplayEntry(features=list(entry["features"]), pooled=entry["pooled"],
-                                            targets=entry["targets"], old_values=entry["old_values"]))
+        self.entries = deque((ReplayEntry(**entry) for entry in state["entries"]), maxlen=self.capacity)
 
     def add(self, features: list[torch.Tensor], pooled: torch.Tensor, targets: torch.Tensor,
             old_values: torch.Tensor) -> None:
