@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PolicyLossOutput", "ppo_policy_loss", "ValueLossOutput", "value_loss", "explained_variance"]
+__all__ = ["PolicyLossOutput", "ppo_policy_loss", "ValueLossOutput", "value_loss", "gaussian_kl",
+           "explained_variance"]
 
 
 @dataclass
@@ -141,6 +142,30 @@ def value_loss(
     with torch.no_grad():
         clipfrac = (delta.abs() > clip_range).float().mean()
     return ValueLossOutput(loss=loss, clipfrac=clipfrac)
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    r"""Per-sample KL between two Gaussian steps of equal isotropic std, averaged over latent dimensions.
+
+    .. math:: \operatorname{KL}\big(N(μ, σ^2 I)\,\|\,N(μ_{ref}, σ^2 I)\big) / D
+              = \operatorname{mean}_d\, (μ_d − μ_{ref,d})^2 / (2σ^2)
+
+    (the exact KL of the policy's step to the reference policy's step, per dimension, like the log-probs).
+
+    Args:
+        mean: ``[M, ...]`` the policy's step mean ``μ`` (carries gradient).
+        ref_mean: ``[M, ...]`` the reference policy's step mean ``μ_ref`` (constant).
+        std: ``[M]`` the step's std ``σ`` (shared by both steps).
+
+    Returns:
+        ``[M]`` KL per sample, float32 or wider.
+    """
+    if mean.shape != ref_mean.shape:
+        raise ValueError(f"mean {tuple(mean.shape)} and ref_mean {tuple(ref_mean.shape)} must have equal shapes")
+    if std.shape != mean.shape[:1]:
+        raise ValueError(f"std must have shape {tuple(mean.shape[:1])}, got {tuple(std.shape)}")
+    var = std.view(-1, *([1] * (mean.ndim - 1))) ** 2
+    return ((mean - ref_mean.detach()) ** 2 / (2 * var)).flatten(1).mean(1)
 
 
 @torch.no_grad()

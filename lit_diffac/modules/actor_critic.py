@@ -36,7 +36,7 @@ from lit_diffac.data.prompts import PromptSource, load_prompts
 from lit_diffac.evaluation import default_sampler, evaluate, run_summary
 from lit_diffac.estimators import AdvantageEstimator, CriticGAE
 from lit_diffac.faults import GracefulStop, NonFiniteUpdate, guarded_update
-from lit_diffac.losses import explained_variance, ppo_policy_loss, value_loss
+from lit_diffac.losses import explained_variance, gaussian_kl, ppo_policy_loss, value_loss
 from lit_diffac.normalization import RewardNormalizer
 from lit_diffac.resume import CHECKPOINT_KEY, check_compatible, load_training_state, training_state
 from lit_diffac.rewards.base import Reward
@@ -303,8 +303,7 @@ class LatentActorCritic(L.LightningModule):
             finally:
                 denoiser.enable_adapters()
             ref_mean = self.sampler.step(ref_prediction, step_index, latents, prev_sample=next_latents).mean
-        var = step.std.view(-1, *([1] * (step.mean.ndim - 1))) ** 2
-        return ((step.mean - ref_mean) ** 2 / (2 * var)).flatten(1).mean(1)
+        return gaussian_kl(step.mean, ref_mean, step.std)
 
     # ------------------------------------------------------------------ the RL iteration
     def training_step(self, batch, batch_idx: int) -> None:
