@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lit_diffac.losses import explained_variance
+from lit_diffac.ppo import build_optimizer
 from lit_diffac.rollout import collect_rollout
 from lit_diffac.toy.prompts import digit_of
 from lit_diffac.value_heads.head import ValueHead, sinusoidal_embedding
@@ -80,13 +81,16 @@ def collect(module, prompts: list[str], trajectories: int, generator: torch.Gene
     return data
 
 
-def fit(critic: nn.Module, inputs, data: dict, n_train: int, steps: int, hp, generator: torch.Generator) -> list[float]:
-    """Regress ``critic(inputs(i, k))`` on the standardised reward; per-step EV on the held-out trajectories."""
+def fit(critic: nn.Module, inputs, data: dict, n_train: int, steps: int, module,
+        generator: torch.Generator) -> list[float]:
+    """Regress ``critic(inputs(i, k))`` on the standardised reward; per-step EV on the held-out trajectories.
+
+    The optimiser is the recipe's critic optimiser (its ``optimizer``, default AdamW, at ``critic_lr``).
+    """
     reward = data["reward"]
     z = (reward - reward[:n_train].mean()) / reward[:n_train].std()
     num_steps = data["latents"].shape[1]
-    optimizer = torch.optim.AdamW(critic.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
-                                  weight_decay=hp.weight_decay)
+    optimizer = build_optimizer(module.optimizer_factory, list(critic.parameters()), module.hparams.critic_lr)
     for _ in range(steps):
         i = torch.randint(n_train, (64,), generator=generator)
         k = torch.randint(num_steps, (64,), generator=generator)
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"ev": {}}
     for name, (build, inputs) in variants.items():
         torch.manual_seed(args.seed)
-        result["ev"][name] = fit(build(), inputs, data, n_train, args.steps, hp, torch.Generator().manual_seed(args.seed))
+        result["ev"][name] = fit(build(), inputs, data, n_train, args.steps, module,
+                                 torch.Generator().manual_seed(args.seed))
         print(name, " ".join(f"{v:.2f}" for v in result["ev"][name]), flush=True)
     result["class_probe"] = class_probe(data, n_train)
     result["prompt_only_accuracy"] = float((data["seen"] == data["asked"]).float()[n_train:].mean())

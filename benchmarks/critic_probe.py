@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lit_diffac.losses import explained_variance
+from lit_diffac.ppo import build_optimizer
 from lit_diffac.rollout import collect_rollout
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,8 +75,8 @@ def offline_fit(module, prompts: list[str], trajectories: int, steps: int, gener
         raise ValueError("the offline fit needs at least 128 trajectories (two batches of 64)")
     n_train = max(1, int(0.75 * batches)) * sampler.num_steps  # whole batches: held-out trajectories are unseen
     hp = module.hparams
-    optimizer = torch.optim.AdamW(head.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
-                                  weight_decay=hp.weight_decay)
+    # the recipe's critic optimiser (its `optimizer`, default AdamW) at critic_lr
+    optimizer = build_optimizer(module.optimizer_factory, list(head.parameters()), hp.critic_lr)
     for _ in range(steps):
         feats, t, pooled, r, _k = data[int(torch.randint(n_train, (1,), generator=generator))]
         loss = 0.5 * ((head(feats, t, pooled)[:, 0] - (r - mean) / std) ** 2).mean()

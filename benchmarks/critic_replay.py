@@ -8,9 +8,9 @@ An offline replica of the critic's side of an actor-critic run, on rollouts of t
 features and standardised final rewards), and the recipe's value head, with the recipe's critic optimiser,
 
 * takes one pass over them in minibatches of 64 (trajectory, step) pairs — what the PPO minibatches do;
-* then, per variant, ``critic_epochs`` extra passes of 320 pairs drawn from the last ``critic_replay``
-  iterations in minibatches of ``critic_minibatch_size`` (:func:`lit_diffac.critic_replay.fit_critic`, the
-  module's own code).
+* then, per variant, a :class:`~lit_diffac.critic_replay.CriticReplay`'s ``passes`` extra passes of 320 pairs
+  drawn from the last ``iterations`` iterations in minibatches of ``minibatch_size``
+  (:func:`lit_diffac.critic_replay.fit_critic`, the module's own code).
 
 Explained variance on 640 held-out trajectories is reported per denoising step k every 50 iterations.  A critic
 that only learned a per-prompt mean has the same EV at every step; a state-aligned one rises towards the last
@@ -33,44 +33,50 @@ import torch
 from benchmarks.critic_capacity import collect
 from lit_diffac.critic_replay import CriticReplay, fit_critic
 from lit_diffac.losses import explained_variance
+from lit_diffac.ppo import build_optimizer, clip_gradients
 from lit_diffac.value_heads.head import ValueHead
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 32  # trajectories per iteration, as in the recipe
 
-#: name → (critic_epochs, critic_replay, critic_minibatch_size)
+#: name → (CriticReplay passes (0: no replay), iterations, minibatch_size)
 VARIANTS = {
-    "PPO minibatches only (critic_epochs 0, the paper's setting)": (0, 1, 64),
-    "+ 2 extra passes on the current rollout (critic_epochs 2)": (2, 1, 64),
-    "+ 1 extra pass from 32 iterations (critic_replay 32, minibatch 128)": (1, 32, 128),
-    "+ 2 extra passes from 32 iterations (the main recipe: critic_epochs 2, critic_replay 32)": (2, 32, 128),
+    "PPO minibatches only (no critic_replay, the paper's setting)": (0, 1, 64),
+    "+ 2 extra passes on the current rollout (CriticReplay iterations 1, passes 2)": (2, 1, 64),
+    "+ 1 extra pass from 32 iterations (CriticReplay iterations 32, passes 1, minibatch 128)": (1, 32, 128),
+    "+ 2 extra passes from 32 iterations (the main recipe: CriticReplay iterations 32, passes 2, "
+    "minibatch 128)": (2, 32, 128),
 }
 
 
-def run_variant(data: dict, head: ValueHead, hp, epochs: int, replay_size: int, minibatch: int, iterations: int,
-                held_out: int, seed: int, every: int) -> dict[int, list[float]]:
-    """Stream ``iterations`` batches through PPO-like and replayed critic updates; held-out EV per step."""
+def run_variant(data: dict, head: ValueHead, module, passes: int, replay_size: int, minibatch: int,
+                iterations: int, held_out: int, seed: int, every: int) -> dict[int, list[float]]:
+    """Stream ``iterations`` batches through PPO-like and replayed critic updates; held-out EV per step.
+
+    Optimiser and gradient clipping are the recipe's critic ones (its ``optimizer``, default AdamW, at
+    ``critic_lr``; ``max_grad_norm``).
+    """
+    hp = module.hparams
     feats, t, pooled = data["feats"], data["t"], data["pooled"]
     reward = data["reward"]
     z = ((reward - reward.mean()) / reward.std())[:, None]
     num_steps = len(t)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
-                                  weight_decay=hp.weight_decay)
-    replay = CriticReplay(replay_size, storage_dtype=torch.bfloat16)
+    optimizer = build_optimizer(module.optimizer_factory, list(head.parameters()), hp.critic_lr)
+    replay = CriticReplay(iterations=replay_size, storage_dtype="bfloat16")
     generator = torch.Generator().manual_seed(seed)
-    clip = lambda params: float(torch.nn.utils.clip_grad_norm_(params, hp.critic_max_grad_norm or float("inf")))
+    clip = lambda params: clip_gradients(params, hp.max_grad_norm)
     held = torch.arange(len(reward) - held_out, len(reward))
     curves = {}
     for it in range(iterations):
         rows = torch.arange(it * BATCH, (it + 1) * BATCH)
         targets = z[rows][:, None].expand(-1, num_steps, -1)
         replay.add([f[rows] for f in feats], pooled[rows], targets, torch.zeros_like(targets))
-        current = CriticReplay(1)
+        current = CriticReplay(iterations=1, storage_dtype=None)
         current.entries.append(replay.entries[-1])
         fit_critic(head, current, optimizer, passes=1, pairs_per_pass=BATCH * num_steps, minibatch_size=64,
                    timestep_fraction=lambda k: t[k], generator=generator, clip=clip)  # the PPO minibatches
-        if epochs:
-            fit_critic(head, replay, optimizer, passes=epochs, pairs_per_pass=BATCH * num_steps,
+        if passes:
+            fit_critic(head, replay, optimizer, passes=passes, pairs_per_pass=BATCH * num_steps,
                        minibatch_size=minibatch, timestep_fraction=lambda k: t[k], generator=generator, clip=clip)
         if (it + 1) % every == 0 or it + 1 == iterations:
             with torch.no_grad():
@@ -105,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     config = {"dim": module.value_head.dim, "patch_size": module.value_head.patch_size}
     every = max(1, args.iterations // 6)
     result: dict = {"ev": {}}
-    for name, (epochs, replay_size, minibatch) in VARIANTS.items():
+    for name, (passes, replay_size, minibatch) in VARIANTS.items():
         torch.manual_seed(args.seed)
         head = ValueHead(dims, data["pooled"].shape[-1], **config)
         t0 = time.time()
-        curves = run_variant(data, head, hp, epochs, replay_size, minibatch, args.iterations, held_out,
+        curves = run_variant(data, head, module, passes, replay_size, minibatch, args.iterations, held_out,
                              args.seed, every)
         result["ev"][name] = {str(k): v for k, v in curves.items()}
         last = curves[max(curves)]

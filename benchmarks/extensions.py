@@ -74,14 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     tiny = ["--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20"] if args.quick else []
-    eval_n = ["--model.init_args.eval_samples_per_prompt=1"] if args.quick else []
+    eval_n = ["--model.init_args.evaluation.init_args.samples_per_prompt=1"] if args.quick else []
     iters = 2 if args.quick else args.iters
     pre_short, pre_long = (1, 2) if args.quick else args.pretrain
     rows: list[dict] = []
     started = time.time()
     for seed in args.seeds:
         args.common = [f"--seed_everything={seed}", f"--model.init_args.seed={seed}", *tiny]
-        ac = [f"--trainer.max_epochs={iters}", "--model.init_args.eval_every_n_iterations=0", *eval_n]
+        ac = [f"--trainer.max_epochs={iters}", "--model.init_args.evaluation.init_args.every_n_iterations=0",
+              *eval_n]
 
         def record(group, variant, summary, **extra):
             rows.append({"group": group, "variant": variant, "seed": seed, **fields(summary), **extra})
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 head = RESULTS / "runs" / args.out / f"value_head_{n}_seed{seed}.safetensors"
                 run(VALUE, [f"--trainer.max_epochs={n}", f"--model.init_args.output_path={head}"], args)
                 record("value_pretraining", f"{n} iterations",
-                       run(DIT, [*ac, f"--model.init_args.critic_init={head}"], args))
+                       run(DIT, [*ac, f"--model.init_args.value_head.init_args.init_from={head}"], args))
         if "timestep_conditioning" in args.groups:
             record("timestep_conditioning", "with (default)", base)
             record("timestep_conditioning", "without",
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         # 3: reward hacking.
         if "reward_hacking" in args.groups:
             bright_only = [*ac, "--model.init_args.rewards=[{class_path: lit_diffac.rewards.Brightness}]",
-                           f"--model.init_args.eval_rewards=[{JUDGE}]"]
+                           f"--model.init_args.evaluation.init_args.rewards=[{JUDGE}]"]
             record("reward_hacking", "brightness only", run(DIT, bright_only, args))
             record("reward_hacking", "brightness + alignment, one head per reward", run(MULTI, ac, args))
             record("reward_hacking", "brightness + alignment, one head on the sum",

@@ -38,13 +38,15 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
     import lightning as L
 
     from lit_diffac.backbones import DiTBackbone, UNetBackbone
+    from lit_diffac.evaluation import HeldOutEvaluation
     from lit_diffac.modules import LatentActorCritic
     from lit_diffac.rewards import Brightness
     from lit_diffac.samplers import DDIMSampler, FlowSDESampler
 
     critic_rank = variant.get("critic_lora_rank", 0)
     common = dict(lora_rank=8, weights_dtype=args.weights_dtype, autocast_dtype="bfloat16",
-                  gradient_checkpointing=True, vae_decode_batch=2, critic_lora_rank=critic_rank)
+                  gradient_checkpointing=True, vae_decode_batch=2, critic_lora_rank=critic_rank,
+                  negative_prompt=variant.get("negative_prompt", ""))
     if family == "sd15":
         backbone = UNetBackbone(str(folder), feature_taps=["down_blocks.1", "mid_block", "up_blocks.1"], **common)
         sampler = DDIMSampler(num_steps=args.steps, eta=1.0)
@@ -53,10 +55,10 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
         sampler = FlowSDESampler(num_steps=args.steps, noise_level=0.7)
     module = LatentActorCritic(
         backbone=backbone, rewards=[Brightness()], sampler=sampler, train_prompts=["a photo of a cat", "a red sign"],
-        eval_prompts=["a photo of a dog"], eval_samples_per_prompt=1, batch_size=args.batch_size,
-        minibatch_size=args.batch_size * 2, clip_range=1e-4, cfg_scale=variant.get("cfg_scale", 1.0),
-        negative_prompt=variant.get("negative_prompt", ""),
-        value_gradient="critic_lora" if critic_rank else "detached", seed=0)
+        evaluation=HeldOutEvaluation(prompts=["a photo of a dog"], samples_per_prompt=1, diversity=False),
+        batch_size=args.batch_size, minibatch_size=args.batch_size * 2, clip_range=1e-4,
+        cfg_scale=variant.get("cfg_scale", 1.0), value_gradient="critic_lora" if critic_rank else "detached",
+        seed=0)
     times, metrics = [], []
 
     class Probe(L.Callback):

@@ -35,14 +35,16 @@ def measure(config: str, iterations: int, batch_size: int, accelerator: str = "c
 
     from lit_diffac.backbones import DiTBackbone
     from lit_diffac.estimators import GroupRelative
+    from lit_diffac.evaluation import HeldOutEvaluation
     from lit_diffac.modules import LatentActorCritic
     from lit_diffac.rewards import DigitAlignment
 
     L.seed_everything(0)
     backbone = DiTBackbone("toy-dit", feature_taps=[0, 1, 2, 3])
     extra = {"estimator": GroupRelative(), "samples_per_prompt": 2} if config == "no critic" else {}
+    evaluation = HeldOutEvaluation(prompts=["the digit 1"], samples_per_prompt=1, diversity=False)  # untimed
     module = LatentActorCritic(backbone=backbone, rewards=[DigitAlignment()], batch_size=batch_size, minibatch_size=64,
-                               clip_range=1e-3, eval_prompts=["the digit 1"], eval_samples_per_prompt=1, **extra)
+                               clip_range=1e-3, evaluation=evaluation, **extra)
     times = []
 
     class Record(L.Callback):

@@ -53,12 +53,14 @@ def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out
     return [sys.executable, "-m", "lit_diffac", "run", str(recipe), f"--seed_everything={seed}",
             f"--model.init_args.seed={seed}", f"--trainer.max_epochs={args.iterations}",
             f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
-            # the module's own periodic evaluation only: no recipe callbacks (grids, extra evaluations), no checkpoints
+            # the module's own held-out evaluation only: no recipe callbacks (sample grids), no checkpoints
             "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
             f"--trainer.logger.init_args.save_dir={out_dir / 'runs'}",
             f"--trainer.logger.init_args.name={method}_{backbone}_seed{seed}",
-            f"--model.init_args.eval_every_n_iterations={args.eval_every}",
-            f"--model.init_args.eval_samples_per_prompt={args.eval_samples}", *args.overrides]
+            f"--model.init_args.evaluation.init_args.every_n_iterations={args.eval_every}",
+            f"--model.init_args.evaluation.init_args.samples_per_prompt={args.eval_samples}",
+            # alignment only, as in the earlier results (diversity is NaN with one sample per prompt)
+            "--model.init_args.evaluation.init_args.diversity=false", *args.overrides]
 
 
 def parse_log(text: str) -> tuple[list[dict], dict | None]:
@@ -68,7 +70,7 @@ def parse_log(text: str) -> tuple[list[dict], dict | None]:
         match = EVAL_LINE.match(line.strip())
         if match:
             label, iteration, samples, rest = match.groups()
-            if int(samples) in seen:  # the module's and a HeldOutEvaluation callback's evaluation coincide
+            if int(samples) in seen:  # one evaluation per sample count (a duplicate line is dropped)
                 continue
             seen.add(int(samples))
             metrics = {f"eval/{k}": float(v) for k, v in (item.rsplit(" ", 1) for item in rest.split(", "))}

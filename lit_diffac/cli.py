@@ -46,11 +46,12 @@ import inspect
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lit_diffac.cli_errors import closest, config_paths, format_parser_error, missing_file_cause
+from lit_diffac.cli_errors import (RecipeArgumentParser, closest, config_paths, format_parser_error,
+                                   missing_file_cause)
 from lit_diffac.errors import find_user_error
 
 __all__ = [
@@ -106,7 +107,7 @@ EXTRA_COMMANDS["sample"] = lazy_command(
     "lit_diffac.sampling:sample_main",
     "generate images from a recipe's policy (optionally critic-steered or best-of-N) with their rewards")
 EXTRA_COMMANDS["toy-eval"] = lazy_command(
-    "lit_diffac.evaluation:toy_eval_main",
+    "lit_diffac.toy.evaluation:toy_eval_main",
     "report the toy world's figures: judge accuracy and each base model's held-out alignment")
 EXTRA_COMMANDS["export"] = lazy_command(
     "lit_diffac.export:export_main",
@@ -120,37 +121,6 @@ def tensorboard_logger(name: str = DEFAULT_RUN_NAME, save_dir: str = "runs") -> 
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": save_dir, "name": name},
     }
-
-
-class RecipeArgumentParser(LightningArgumentParser):
-    """``LightningArgumentParser`` whose errors are one readable line (see :func:`format_parser_error`)
-    instead of the full usage and jsonargparse's nested union report; exit status stays 2."""
-
-    #: Set by :class:`LitDiffacCLI`: ``message -> readable message``.
-    error_formatter: Callable[[str], str] | None = None
-    #: Set by :class:`LitDiffacCLI`: the command to suggest for the list of accepted keys.
-    help_command: str | None = None
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        formatter = self.error_formatter
-        if formatter is None or not self.exit_on_error:
-            super().error(message, ex)
-        try:
-            from jsonargparse._common import debug_mode_active  # noqa: PLC0415 - private, optional
-
-            if debug_mode_active():
-                super().error(message, ex)
-        except ImportError:
-            pass
-        try:
-            readable = formatter(message)
-        except Exception:  # noqa: BLE001 - never hide the original error behind a formatting bug
-            readable = message
-        self._logger.error(message)
-        if self.help_command:
-            sys.stderr.write(f"tip: list the accepted keys with: {self.help_command} --help\n")
-        sys.stderr.write(f"error: {readable}\n")
-        self.exit(2)
 
 
 # --------------------------------------------------------------------------------------------------------

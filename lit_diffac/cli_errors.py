@@ -1,8 +1,12 @@
 """Readable recipe errors for ``lit-diffac``: jsonargparse's nested messages → one line naming the key.
 
+This module is the whole error layer between jsonargparse and the user, fenced off from the CLI: it reads
+jsonargparse's message wording and one private import (``jsonargparse._common``), which is why pyproject pins
+jsonargparse to the tested minor (each message form has a test in tests/test_errors.py / tests/test_cli.py).
+
 :func:`format_parser_error` turns a parser error into e.g. ``unknown key 'model.init_args.lrr' in recipe.yaml
 (did you mean 'model.init_args.lr'?)``; :func:`missing_file_cause` finds the "file not found" message behind a
-component that failed to build.
+component that failed to build; :class:`RecipeArgumentParser` prints that one line instead of the usage.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import difflib
 import importlib
 import inspect
 import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import yaml
+from lightning.pytorch.cli import LightningArgumentParser
 
 
 _NOISE = re.compile(r"^(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Given value )")
@@ -294,3 +300,34 @@ def format_parser_error(message: str, valid_keys: list[str] | None = None,
     if leaf.key:
         return f"invalid value for '{leaf.key}'{_where(leaf.key, argv)}: {m.group(0)}"
     return message
+
+
+class RecipeArgumentParser(LightningArgumentParser):
+    """``LightningArgumentParser`` whose errors are one readable line (see :func:`format_parser_error`)
+    instead of the full usage and jsonargparse's nested union report; exit status stays 2."""
+
+    #: Set by :class:`LitDiffacCLI`: ``message -> readable message``.
+    error_formatter: Callable[[str], str] | None = None
+    #: Set by :class:`LitDiffacCLI`: the command to suggest for the list of accepted keys.
+    help_command: str | None = None
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        formatter = self.error_formatter
+        if formatter is None or not self.exit_on_error:
+            super().error(message, ex)
+        try:
+            from jsonargparse._common import debug_mode_active  # noqa: PLC0415 - private, optional
+
+            if debug_mode_active():
+                super().error(message, ex)
+        except ImportError:
+            pass
+        try:
+            readable = formatter(message)
+        except Exception:  # noqa: BLE001 - never hide the original error behind a formatting bug
+            readable = message
+        self._logger.error(message)
+        if self.help_command:
+            sys.stderr.write(f"tip: list the accepted keys with: {self.help_command} --help\n")
+        sys.stderr.write(f"error: {readable}\n")
+        self.exit(2)

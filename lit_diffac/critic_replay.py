@@ -11,7 +11,7 @@ Stored per iteration (``n`` trajectories, ``K`` steps, ``R`` value outputs): the
 ``[n, K, ...]`` (in ``storage_dtype``), the pooled prompt embeddings ``[n, P]``, the value targets ``[n, K, R]``
 and the rollout's values ``[n, K, R]`` (for value clipping), on the features' device.  Older entries' targets
 are returns of an older policy: slightly off-policy, which is why the replay is short.  At SD scale the features
-of one iteration take gigabytes: keep ``critic_replay`` small there (or ``critic_epochs`` at 0, the paper's setting).
+of one iteration take gigabytes: keep ``iterations`` small there (or use no replay, the paper's setting).
 """
 
 from __future__ import annotations
@@ -48,20 +48,32 @@ class ReplayEntry:
 
 
 class CriticReplay:
-    """The cached features and value targets of the last ``capacity`` iterations (a FIFO of :class:`ReplayEntry`).
+    """The critic's extra value-only passes, and the cached features and value targets they draw from.
+
+    A FIFO of :class:`ReplayEntry`, one per iteration.  Injected into an RL module as ``critic_replay``: after
+    each PPO update, :meth:`fit` adds the rollout and takes ``passes`` value-regression passes over pairs drawn
+    from the last ``iterations`` iterations (head only, no backbone pass).
 
     Args:
-        capacity: iterations kept (1: only the current rollout).
-        storage_dtype: dtype the features are stored in (``torch.bfloat16`` halves the memory of fp32
-            features; the head reads them back in fp32).  ``None`` keeps the features' own dtype.
+        iterations: iterations kept (1: only the current rollout).
+        passes: value-only passes per iteration, each over as many pairs as one rollout has.
+        minibatch_size: pairs per minibatch of those passes (``None``: the module's PPO minibatch size).
+        checkpoint: save the replay in checkpoints, so that a resumed run is exact (``False``: smaller
+            checkpoints; a resumed run refills the replay and is no longer bit-identical).
+        storage_dtype: dtype the features are stored in (``"bfloat16"`` halves the memory of fp32 features;
+            the head reads them back in fp32); ``None`` keeps the features' own dtype.
     """
 
-    def __init__(self, capacity: int, storage_dtype: torch.dtype | None = None) -> None:
-        if capacity < 1:
-            raise ValueError(f"the critic replay keeps at least 1 iteration (got {capacity})")
-        self.capacity = capacity
-        self.storage_dtype = storage_dtype
-        self.entries: deque[ReplayEntry] = deque(maxlen=capacity)
+    def __init__(self, iterations: int = 32, passes: int = 2, minibatch_size: int | None = None,
+                 checkpoint: bool = True, storage_dtype: str | torch.dtype | None = "bfloat16") -> None:
+        problems = [f"{name} must be >= 1 (got {value})" for name, value in
+                    (("iterations", iterations), ("passes", passes), ("minibatch_size", 1 if minibatch_size is None else minibatch_size))
+                    if value < 1]
+        if problems:
+            raise ValueError("invalid CriticReplay: " + "; ".join(problems))
+        self.capacity, self.passes, self.minibatch_size, self.checkpoint = iterations, passes, minibatch_size, checkpoint
+        self.storage_dtype = getattr(torch, storage_dtype) if isinstance(storage_dtype, str) else storage_dtype
+        self.entries: deque[ReplayEntry] = deque(maxlen=iterations)
 
     def __len__(self) -> int:
         """Number of stored (trajectory, step) pairs."""
@@ -136,3 +148,18 @@ def fit_critic(value_head: nn.Module, replay: CriticReplay, optimizer: torch.opt
             steps += 1
     return {"loss": float(loss.detach()), "grad_norm": sum(norms) / len(norms) if norms else 0.0,
             "minibatches": float(steps)}
+
+
+def fit_from_rollout(replay: CriticReplay, value_head: nn.Module, optimizer: torch.optim.Optimizer,
+                     features: list[torch.Tensor], pooled: torch.Tensor, targets: torch.Tensor,
+                     old_values: torch.Tensor, **kwargs) -> dict[str, float]:
+    """Add one rollout (features ``[B, K, ...]`` per tap, targets / old values ``[B, K, R]``) to ``replay``, then
+    :func:`fit_critic` with ``replay.passes`` passes of ``B·K`` pairs; the entry is dropped again if the fit raises
+    (the iteration is rolled back, so is its replay entry).  ``kwargs`` go to :func:`fit_critic`."""
+    replay.add(features, pooled, targets, old_values)
+    try:
+        return fit_critic(value_head, replay, optimizer, passes=replay.passes,
+                          pairs_per_pass=targets.shape[0] * targets.shape[1], **kwargs)
+    except Exception:
+        replay.entries.pop()
+        raise

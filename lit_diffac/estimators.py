@@ -38,12 +38,19 @@ class AdvantageEstimator(abc.ABC):
 
     Args:
         advantage_clip: clamp of the final advantages (paper: 10).
+        reward_normalization: how the module standardises each reward before the estimator sees it:
+            ``"running"`` (statistics of every reward seen so far, gathered across processes; stable critic
+            targets), ``"batch"`` (this iteration's batch only) or ``"none"`` (raw rewards).
     """
 
     uses_critic: bool = False
 
-    def __init__(self, advantage_clip: float = 10.0) -> None:
+    def __init__(self, advantage_clip: float = 10.0, reward_normalization: str = "running") -> None:
+        if reward_normalization not in ("running", "batch", "none"):
+            raise ValueError("reward_normalization must be 'running', 'batch' or 'none', "
+                             f"got {reward_normalization!r}")
         self.advantage_clip = advantage_clip
+        self.reward_normalization = reward_normalization
 
     @abc.abstractmethod
     def __call__(self, rewards: torch.Tensor, values: torch.Tensor, prompts: list[str], weights: torch.Tensor,
@@ -66,13 +73,14 @@ class CriticGAE(AdvantageEstimator):
         lam: GAE λ.
         advantage_clip: clamp of the whitened, combined advantages (paper: 10).
         target_clip: clamp of the value targets (paper: 5).
+        reward_normalization: see :class:`AdvantageEstimator`.
     """
 
     uses_critic = True
 
     def __init__(self, gamma: float = 1.0, lam: float = 1.0, advantage_clip: float = 10.0,
-                 target_clip: float = 5.0) -> None:
-        super().__init__(advantage_clip)
+                 target_clip: float = 5.0, reward_normalization: str = "running") -> None:
+        super().__init__(advantage_clip, reward_normalization)
         if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
             raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
         self.gamma, self.lam, self.target_clip = gamma, lam, target_clip
@@ -119,10 +127,11 @@ class GroupRelative(AdvantageEstimator):
     Args:
         eps: added to the group std.
         advantage_clip: clamp of the combined advantages.
+        reward_normalization: see :class:`AdvantageEstimator` (group standardisation makes it immaterial).
     """
 
-    def __init__(self, eps: float = 1e-4, advantage_clip: float = 10.0) -> None:
-        super().__init__(advantage_clip)
+    def __init__(self, eps: float = 1e-4, advantage_clip: float = 10.0, reward_normalization: str = "running") -> None:
+        super().__init__(advantage_clip, reward_normalization)
         self.eps = eps
 
     def __call__(self, rewards, values, prompts, weights, gather=None) -> Advantages:
@@ -179,10 +188,12 @@ class PerPromptStats(AdvantageEstimator):
     Args:
         buffer_size, min_count: see :class:`PerPromptStatTracker`.
         advantage_clip: clamp of the combined advantages (DDPO: 5).
+        reward_normalization: see :class:`AdvantageEstimator`.
     """
 
-    def __init__(self, buffer_size: int = 32, min_count: int = 16, advantage_clip: float = 5.0) -> None:
-        super().__init__(advantage_clip)
+    def __init__(self, buffer_size: int = 32, min_count: int = 16, advantage_clip: float = 5.0,
+                 reward_normalization: str = "running") -> None:
+        super().__init__(advantage_clip, reward_normalization)
         self.trackers: list[PerPromptStatTracker] = []
         self.buffer_size, self.min_count = buffer_size, min_count
 

@@ -1,21 +1,28 @@
-"""Held-out evaluation: fixed prompts, fixed seeds, CFG off (by default), every reward's mean.
+"""Held-out evaluation: fixed prompts, fixed seeds, CFG off, every reward's mean, diversity, CLIP score.
 
-The same function serves the RL modules (before, during and after training), toy base-model pretraining and
-``lit-diffac toy-eval``, so their figures are comparable.
+:class:`HeldOutEvaluation` is the RL modules' one evaluation path (before training, every
+``every_n_iterations`` and at the end; the results go to the run's :class:`~lit_diffac.history.RunHistory`
+and ``summary.json``).  Its functions (:func:`generate`, :func:`score_images`) also serve toy base-model
+pretraining, ``lit-diffac toy-eval`` and the sample grids, so all their figures are comparable.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from lit_diffac.backbones.base import DiffusionBackbone
+from lit_diffac.data.prompts import PromptSource, load_prompts
+from lit_diffac.rewards.base import Reward
 from lit_diffac.rollout import collect_rollout
 from lit_diffac.samplers import DDIMSampler, FlowSDESampler
 from lit_diffac.samplers.base import Sampler
+
+__all__ = ["EVAL_SEED", "HeldOutEvaluation", "default_sampler", "evaluate", "expand_prompts", "generate",
+           "mean_pairwise_distance", "score_images"]
 
 #: Seed of the held-out evaluation noise (fixed across runs so figures compare).
 EVAL_SEED = 12345
@@ -82,66 +89,179 @@ def score_images(images: torch.Tensor, prompts: Sequence[str], rewards: Sequence
     return out
 
 
-def evaluate_toy_alignment(backbone: DiffusionBackbone, samples_per_prompt: int = 25, num_steps: int = 10,
-                           seed: int = EVAL_SEED, sampler: Sampler | None = None) -> dict[str, float]:
-    """Held-out toy alignment: ``{"alignment_accuracy", "digit_probability", "num_samples"}``."""
-    from lit_diffac.data.prompts import load_prompts
-    from lit_diffac.rewards.toy import DigitAlignment
+def mean_pairwise_distance(features: torch.Tensor, groups: Sequence[str]) -> float:
+    """Mean Euclidean distance between the rows of ``features [N, D]`` that share a group label,
+    averaged first over the pairs of each group, then over the groups that have at least two rows.
 
-    prompts = load_prompts("toy:heldout")
-    metrics = evaluate(backbone, sampler or default_sampler(backbone, num_steps), prompts, [DigitAlignment()],
-                       samples_per_prompt=samples_per_prompt, seed=seed)
-    return {"alignment_accuracy": metrics["eval/digit_alignment_accuracy"],
-            "digit_probability": metrics["eval/digit_alignment"],
-            "num_samples": len(prompts) * samples_per_prompt}
-
-
-def toy_eval_main(argv: list[str]) -> int:
-    """Report the toy world's figures: the judge's held-out accuracy and each base model's alignment."""
-    from lit_diffac.backbones import DiTBackbone, UNetBackbone
-    from lit_diffac.rewards.toy import DEFAULT_CLASSIFIER
-    from lit_diffac.toy.classifier import DigitClassifier, accuracy
-    from lit_diffac.toy.digits import load_digits
-
-    parser = argparse.ArgumentParser(prog="lit-diffac toy-eval", description=toy_eval_main.__doc__)
-    parser.add_argument("--samples-per-prompt", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=EVAL_SEED)
-    parser.add_argument("--unet", default="toy-unet", help="UNet pipeline folder (default: the embedded one)")
-    parser.add_argument("--dit", default="toy-dit", help="DiT pipeline folder (default: the embedded one)")
-    args = parser.parse_args(argv)
-    heldout = load_digits("heldout")
-    report = {"classifier_heldout_accuracy": accuracy(DigitClassifier.from_pretrained(DEFAULT_CLASSIFIER),
-                                                      heldout.images, heldout.labels),
-              "classifier_heldout_images": len(heldout)}
-    for name, cls, path in (("unet", UNetBackbone, args.unet), ("dit", DiTBackbone, args.dit)):
-        report[f"{name}_base"] = evaluate_toy_alignment(cls(path), samples_per_prompt=args.samples_per_prompt,
-                                                        seed=args.seed)
-    report["cfg_scale"], report["sampler_steps"], report["seed"] = 1.0, 10, args.seed
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-def run_summary(module: str, iterations: int, samples_seen: int, wall_time_s: float, eval_history: list[dict],
-                recent: list[dict[str, float]], seed: int) -> dict:
-    """The ``summary.json`` of a run: base and final held-out metrics, diagnostics averaged over ``recent``.
-
-    ``eval_history`` holds the evaluations (``label`` ``"base"`` first, the last one final); ``recent`` the
-    per-iteration metrics of the last iterations (``train/…`` averaged into ``final_train``; ``perf/…`` left out).
+    Returns NaN when no group has two rows.
     """
-    base = next((e for e in eval_history if e["label"] == "base"), None)
-    final = eval_history[-1] if eval_history else {}
-    averaged = {k: sum(m[k] for m in recent if k in m) / sum(k in m for m in recent)
-                for k in {k for m in recent for k in m}}
-    return {
-        "module": module,
-        "iterations": iterations,
-        "samples_seen": samples_seen,
-        "wall_time_s": wall_time_s,
-        "base": {k: v for k, v in (base or {}).items() if k.startswith("eval/")},
-        "final": {k: v for k, v in final.items() if k.startswith("eval/")},
-        "final_explained_variance": averaged.get("train/explained_variance"),
-        "final_train": {"averaged_over_iterations": len(recent),
-                        **{k: v for k, v in sorted(averaged.items()) if not k.startswith("perf/")}},
-        "eval_history": eval_history,
-        "seed": seed,
-    }
+    if features.shape[0] != len(groups):
+        raise ValueError(f"{features.shape[0]} feature rows for {len(groups)} group labels")
+    features = features.detach().float().flatten(1)
+    index: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        index.setdefault(group, []).append(i)
+    per_group = []
+    for rows in index.values():
+        if len(rows) < 2:
+            continue
+        distances = torch.cdist(features[rows], features[rows])
+        upper = torch.triu_indices(len(rows), len(rows), offset=1)
+        per_group.append(distances[upper[0], upper[1]].mean())
+    return torch.stack(per_group).mean().item() if per_group else math.nan
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` → ``[N, 3HW] / sqrt(3HW)``: Euclidean distances become RMS per-pixel differences."""
+    flat = images.detach().float().flatten(1)
+    return flat / math.sqrt(flat.shape[1])
+
+
+class ClipFeatures(torch.nn.Module):
+    """A ``CLIPModel`` whose ``get_image_features`` / ``get_text_features`` return the projected embeddings as
+    tensors, as torchmetrics' ``CLIPScore`` expects (recent ``transformers`` return output objects)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        from lit_diffac.rewards.clip import clip_image_embeds
+
+        return clip_image_embeds(self.model, pixel_values)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return self.model.text_projection(pooled)
+
+
+class HeldOutEvaluation:
+    """The held-out evaluation of an RL module's policy (its ``evaluation`` component).
+
+    Images are drawn with the module's backbone and sampler from fixed prompts and seeds, CFG off, and scored
+    with every training reward plus ``rewards``; :meth:`measure` returns ``{"eval/<reward>": mean,
+    "eval/<reward>_accuracy": …, "eval/diversity": …, "eval/clip_score": …, "eval/clip_diversity": …}``:
+
+    * ``eval/diversity`` — mean pairwise RMS pixel distance between the samples of the same prompt (0 = all
+      samples of a prompt identical: mode collapse; reported when ``samples_per_prompt >= 2``);
+    * ``eval/clip_score`` (torchmetrics ``CLIPScore``, 100·cos) and ``eval/clip_diversity`` (the pairwise
+      distance between unit CLIP image embeddings) when ``clip_model`` names a local CLIP folder.
+
+    The module evaluates before training, every ``every_n_iterations`` and after the last iteration.
+
+    Args:
+        prompts: prompt source (``"toy:heldout"``, a text file, or a list).
+        samples_per_prompt: samples per prompt.
+        every_n_iterations: period of the evaluations during training (0: only before and after).
+        rewards: rewards measured in evaluation only (e.g. the alignment judge while training on a hackable
+            reward); one whose name a training reward already has is skipped.
+        seed: seed of the evaluation noise (the same every time, so points compare).
+        diversity: also report ``eval/diversity``.
+        clip_model: a local folder with a ``transformers`` CLIPModel, its tokenizer and
+            ``preprocessor_config.json`` (e.g. a download of ``openai/clip-vit-large-patch14``).  Nothing is
+            downloaded.
+        batch_size: images generated per chunk.
+    """
+
+    def __init__(self, prompts: PromptSource = "toy:heldout", samples_per_prompt: int = 25,
+                 every_n_iterations: int = 0, rewards: Sequence[Reward] = (), seed: int = EVAL_SEED,
+                 diversity: bool = True, clip_model: str | None = None, batch_size: int = 256) -> None:
+        problems = [f"{name} must be >= {low} (got {value})" for name, value, low in
+                    (("samples_per_prompt", samples_per_prompt, 1), ("every_n_iterations", every_n_iterations, 0),
+                     ("batch_size", batch_size, 1)) if value < low]
+        if problems:
+            raise ValueError("invalid HeldOutEvaluation: " + "; ".join(problems))
+        self.prompts = load_prompts(prompts)
+        self.samples_per_prompt = samples_per_prompt
+        self.every_n_iterations = every_n_iterations
+        self.rewards = list(rewards)
+        self.seed = seed
+        self.diversity = diversity
+        self.clip_model = clip_model
+        self.batch_size = batch_size
+        if clip_model is not None:
+            from lit_diffac.rewards.clip import check_weights
+
+            check_weights(clip_model, what="HeldOutEvaluation clip_model", kind="folder",
+                          files=("config.json", "preprocessor_config.json"),
+                          get="Pass a local folder holding a transformers CLIPModel, its tokenizer and "
+                              "preprocessor_config.json (e.g. a download of openai/clip-vit-large-patch14).")
+        self._clip = None
+
+    def run(self, module, label: str, iteration: int) -> dict[str, float]:
+        """Evaluate an RL module's policy after ``iteration`` completed iterations; record the result in its
+        ``history``, log it to every logger and print one line."""
+        metrics = self.measure(module.backbone, module.sampler, list(module.rewards), module.device)
+        module.history.record_evaluation(label, iteration, metrics)
+        for logger in module.loggers:
+            logger.log_metrics(finite(metrics), step=iteration)
+        module.print(format_evaluation(label, iteration, module.history.samples_seen, metrics))
+        return metrics
+
+    def is_due(self, iterations_done: int, last: bool) -> bool:
+        """Whether a periodic evaluation falls after ``iterations_done`` iterations (the last one is the final's)."""
+        every = self.every_n_iterations
+        return bool(every) and iterations_done % every == 0 and not last
+
+    def all_rewards(self, training_rewards: Sequence) -> list:
+        """The training rewards, then the evaluation-only ones whose names are new."""
+        names = {r.name for r in training_rewards}
+        return [*training_rewards, *(r for r in self.rewards if r.name not in names)]
+
+    @torch.no_grad()
+    def measure(self, backbone: DiffusionBackbone, sampler: Sampler, training_rewards: Sequence,
+                device: torch.device | str | None = None) -> dict[str, float]:
+        """Generate the evaluation images with the policy and return every ``eval/…`` metric."""
+        expanded = expand_prompts(self.prompts, self.samples_per_prompt)
+        images = generate(backbone, sampler, expanded, seed=self.seed, batch_size=self.batch_size, device=device)
+        rewards = self.all_rewards(training_rewards)
+        if device is not None:
+            for reward in rewards:
+                reward.to(device)
+        metrics = score_images(images, expanded, rewards)
+        if self.diversity and self.samples_per_prompt >= 2:
+            metrics["eval/diversity"] = mean_pairwise_distance(pixel_features(images), expanded)
+        if self.clip_model is not None:
+            metrics.update(self._clip_metrics(images, expanded))
+        return metrics
+
+    def _clip_metrics(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        from lit_diffac.rewards.clip import quantize
+
+        metric, preprocess = self._clip_scorer(images.device)
+        metric.reset()
+        for start in range(0, len(prompts), self.batch_size):
+            metric.update(quantize(images[start:start + self.batch_size]), prompts[start:start + self.batch_size])
+        embeds = metric.model.get_image_features(preprocess(images)).float()
+        return {"eval/clip_score": float(metric.compute()),
+                "eval/clip_diversity": mean_pairwise_distance(embeds / embeds.norm(dim=-1, keepdim=True), prompts)}
+
+    def _clip_scorer(self, device: torch.device):
+        """torchmetrics ``CLIPScore`` on :attr:`clip_model` (loaded once, offline) and the matching preprocessing."""
+        if self._clip is None:
+            from torchmetrics.multimodal import CLIPScore
+            from transformers import CLIPModel, CLIPProcessor
+
+            from lit_diffac.rewards.clip import ClipImagePreprocess
+
+            folder = str(Path(self.clip_model))
+
+            def load():
+                return (ClipFeatures(CLIPModel.from_pretrained(folder, local_files_only=True).eval()),
+                        CLIPProcessor.from_pretrained(folder, local_files_only=True))
+
+            self._clip = (CLIPScore(model_name_or_path=load), ClipImagePreprocess.from_processor_config(folder))
+        metric, preprocess = self._clip
+        return metric.to(device), preprocess.to(device)
+
+
+def format_evaluation(label: str, iteration: int, samples_seen: int, metrics: dict[str, float]) -> str:
+    """The console line of an evaluation: ``[eval base @ iteration 0, 0 samples] digit_alignment 0.406, …``."""
+    shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items())
+    return f"[eval {label} @ iteration {iteration}, {samples_seen} samples] {shown}"
+
+
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    """The entries of ``metrics`` that a logger can plot (NaN / inf dropped)."""
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}

@@ -1,12 +1,13 @@
 """Fault handling for the RL modules: non-finite iterations are skipped, signals stop at an iteration boundary.
 
-* :func:`guarded_update` — one RL update, skipped and rolled back when anything in it is non-finite;
+* :class:`NonFiniteGuard` — runs one RL update, skipped and rolled back when anything in it is non-finite,
+  and counts the skips (its state is checkpointed);
 * :func:`nonfinite_inputs` — which of an iteration's rewards, log-probs and values are NaN / ±inf;
 * :class:`NonFiniteUpdate` — raised inside an update when a loss or gradient norm is not finite;
 * :class:`TrainableSnapshot` — a copy of the trainable weights and optimiser states taken before an update,
   restored when the update turns out non-finite (weights and optimiser state end as if it never ran);
 * :class:`GracefulStop` — a callback: SIGTERM or the first Ctrl-C lets the current iteration finish, writes
-  ``last.ckpt`` to the run's checkpoint folder (saying where) and stops; a module's ``halt_reason`` (set
+  ``last.ckpt`` to the run's checkpoint folder (saying where) and stops; a guard's ``halt_reason`` (set
   after too many consecutive bad iterations) does the same and ends with :class:`~lit_diffac.errors.TrainingHalted`.
 """
 
@@ -16,7 +17,7 @@ import copy
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import lightning as L
 import torch
@@ -110,18 +111,20 @@ class GracefulStop(Checkpoint):
     The handlers are installed when training starts (after Lightning's own) and removed when it ends.  The
     first SIGTERM / SIGINT only sets a flag; at the end of the current iteration (after the module's
     epoch-end work and any ModelCheckpoint) the checkpoint is written and the run stops (exit status 1, as
-    after Ctrl-C).  A second Ctrl-C quits at once without saving.  A module attribute ``halt_reason``
-    (a string) stops the run the same way, raising :class:`~lit_diffac.errors.TrainingHalted`.
+    after Ctrl-C).  A second Ctrl-C quits at once without saving.  The ``halt_reason`` of ``guard`` (set after
+    too many non-finite iterations) stops the run the same way, raising :class:`~lit_diffac.errors.TrainingHalted`.
 
     Args:
         filename: checkpoint file name inside the run's checkpoint folder (``last.ckpt`` is what
             ``--ckpt_path last`` finds).
+        guard: the module's :class:`NonFiniteGuard` (``None``: stop on signals only).
     """
 
-    def __init__(self, filename: str = "last.ckpt") -> None:
+    def __init__(self, filename: str = "last.ckpt", guard: NonFiniteGuard | None = None) -> None:
         if not filename.endswith(".ckpt"):
             raise ValueError(f"filename must end in .ckpt, got {filename!r}")
         self.filename = filename
+        self.guard = guard
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -159,7 +162,7 @@ class GracefulStop(Checkpoint):
         self._restore_handlers()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        halt = getattr(pl_module, "halt_reason", None)
+        halt = self.guard.halt_reason if self.guard is not None else None
         signalled = self.received is not None
         if trainer.world_size > 1:  # a signal may reach one process only: all stop together
             signalled = bool(trainer.strategy.reduce_boolean_decision(signalled, all=False))
@@ -181,42 +184,78 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def guarded_update(module: Any, rollout: Any) -> dict[str, float]:
-    """``module.update(rollout)``, skipped when anything is non-finite (every process skips together).
+class NonFiniteGuard:
+    """Skips an RL update when anything in it is non-finite, and halts after too many in a row.
 
     A non-finite reward, log-prob or value skips the update before it starts; a non-finite loss or gradient
     found mid-update (:class:`NonFiniteUpdate`) rolls weights, optimiser states, reward statistics and
-    estimator state back to a snapshot taken before it (``rollback_on_nonfinite``).  ``max_bad_iterations``
-    skips in a row set ``module.halt_reason``, which :class:`GracefulStop` turns into a stop with a checkpoint.
-    Returns the update's metrics plus ``fault/skipped`` and ``fault/skipped_iterations``.
+    estimator state back to a snapshot taken before it (``rollback``).  ``max_bad_iterations`` skips in a row
+    set :attr:`halt_reason`, which :class:`GracefulStop` turns into a stop with a checkpoint.  Every process
+    skips together (``everywhere`` agrees across processes).
+
+    Args:
+        max_bad_iterations: skipped iterations in a row that stop the run.
+        rollback: keep a copy of the trainable weights and optimiser states during each update, so that a
+            non-finite loss or gradient mid-update undoes the whole iteration (``False`` saves that memory:
+            only the remaining minibatches are skipped).
+
+    Attributes:
+        skipped_iterations: iterations skipped so far (``fault/skipped_iterations``).
+        consecutive_bad: skipped iterations in a row.
+        halt_reason: why the run must stop, or ``None``.
     """
-    hp = module.hparams
-    problem = nonfinite_inputs(rollout.rewards, rollout.log_probs, rollout.values, module.reward_names)
-    if not module._everywhere(problem is None) and problem is None:
-        problem = "another process had non-finite rewards, log-probs or values"
-    untouched = True
-    if problem is None:
-        trainable = [*module.backbone.policy_parameters(),
-                     *(module.critic_parameters() if module.value_head is not None else ())]
-        snapshot = TrainableSnapshot(trainable, module.actor_critic_optimizers(),
-                                     [module.reward_normalizer, module.estimator]) if hp.rollback_on_nonfinite else None
-        try:
-            metrics = module.update(rollout)
-            module.consecutive_bad = 0
-            return {**metrics, "fault/skipped": 0.0, "fault/skipped_iterations": float(module.skipped_iterations)}
-        except NonFiniteUpdate as err:
-            if snapshot is not None:
-                snapshot.restore()
-            untouched, problem = snapshot is not None, str(err)
-    module.skipped_iterations += 1
-    module.consecutive_bad += 1
-    limit = hp.max_bad_iterations
-    kept = ", weights unchanged" if untouched else " (its earlier minibatch steps stand)"
-    module.print(f"[iteration {module.current_epoch}] update skipped{kept}: {problem} "
-                 f"({module.consecutive_bad} in a row; the run stops at {limit})")
-    if module.consecutive_bad >= limit:
-        module.consecutive_bad = 0
-        module.halt_reason = (f"{limit} consecutive iterations had non-finite values (last, iteration "
-                              f"{module.current_epoch}: {problem}); fix the reward or lower the learning rates, "
-                              "then resume")
-    return {"fault/skipped": 1.0, "fault/skipped_iterations": float(module.skipped_iterations)}
+
+    def __init__(self, max_bad_iterations: int = 3, rollback: bool = True) -> None:
+        if max_bad_iterations < 1:
+            raise ValueError(f"max_bad_iterations must be >= 1 (got {max_bad_iterations})")
+        self.max_bad_iterations = max_bad_iterations
+        self.rollback = rollback
+        self.skipped_iterations, self.consecutive_bad = 0, 0
+        self.halt_reason: str | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_iterations": int(self.skipped_iterations), "consecutive_bad": int(self.consecutive_bad)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped_iterations, self.consecutive_bad = state["skipped_iterations"], state["consecutive_bad"]
+
+    def run(self, update: Callable[[], dict[str, float]], problem: str | None,
+            snapshot: Callable[[], TrainableSnapshot], everywhere: Callable[[bool], bool], iteration: int,
+            log: Callable[[str], None] = print) -> dict[str, float]:
+        """``update()`` unless ``problem`` (a description of non-finite inputs, see :func:`nonfinite_inputs`).
+
+        Args:
+            update: runs the update and returns its metrics; raises :class:`NonFiniteUpdate` mid-way.
+            problem: why the inputs are unusable, or ``None``.
+            snapshot: takes the snapshot to roll back to (called only with ``rollback``).
+            everywhere: ``everywhere(ok)`` is whether ``ok`` holds in every process.
+            iteration: the iteration's index, for the message.
+            log: prints the skip message.
+
+        Returns:
+            the update's metrics plus ``fault/skipped`` and ``fault/skipped_iterations``.
+        """
+        if not everywhere(problem is None) and problem is None:
+            problem = "another process had non-finite rewards, log-probs or values"
+        untouched = True
+        if problem is None:
+            saved = snapshot() if self.rollback else None
+            try:
+                metrics = update()
+                self.consecutive_bad = 0
+                return {**metrics, "fault/skipped": 0.0, "fault/skipped_iterations": float(self.skipped_iterations)}
+            except NonFiniteUpdate as err:
+                if saved is not None:
+                    saved.restore()
+                untouched, problem = saved is not None, str(err)
+        self.skipped_iterations += 1
+        self.consecutive_bad += 1
+        limit = self.max_bad_iterations
+        kept = ", weights unchanged" if untouched else " (its earlier minibatch steps stand)"
+        log(f"[iteration {iteration}] update skipped{kept}: {problem} "
+            f"({self.consecutive_bad} in a row; the run stops at {limit})")
+        if self.consecutive_bad >= limit:
+            self.consecutive_bad = 0
+            self.halt_reason = (f"{limit} consecutive iterations had non-finite values (last, iteration "
+                                f"{iteration}: {problem}); fix the reward or lower the learning rates, then resume")
+        return {"fault/skipped": 1.0, "fault/skipped_iterations": float(self.skipped_iterations)}

@@ -85,7 +85,7 @@ def steered_sample(
     if steered and value_head is None:
         raise ValueError("steering (scale != 0) needs a value head")
     embeds = backbone.encode_prompts(prompts).to(device)
-    uncond = backbone.encode_prompts([""] * len(prompts)).to(device) if cfg_scale != 1.0 else None
+    uncond = backbone.encode_negative(len(prompts)).to(device) if cfg_scale != 1.0 else None
     x = sampler.init_noise((len(prompts), *backbone.latent_shape), generator=generator, device=device)
     detach_before = getattr(value_head, "detach_features", None)
     values = None

@@ -4,10 +4,10 @@ Lightning's checkpoint already holds the module's ``state_dict`` (policy / LoRA,
 normaliser's running statistics, which are buffers), both optimisers, the schedulers and the loop counters.
 An RL module additionally needs, to continue *bit for bit*:
 
-* ``samples_seen``, the held-out evaluation history (``summary.json``), the window of recent training
-  metrics (``summary.json``'s ``final_train``) and the fault counters;
+* the run's :class:`~lit_diffac.history.RunHistory` (``samples_seen``, the held-out evaluations, the recent training
+  metrics behind ``summary.json``) and the :class:`~lit_diffac.faults.NonFiniteGuard` counters;
 * the advantage estimator's own state (DDPO's per-prompt reward buffers);
-* the critic replay (cached features and value targets of the last iterations; ``checkpoint_critic_replay``);
+* the critic replay (cached features and value targets of the last iterations; ``CriticReplay(checkpoint=...)``);
 * the global random number generators (rollout and minibatch randomness is drawn from generators seeded
   by (seed, iteration, rank) and needs none, but user code, dropout or a reward may use the global ones).
 
@@ -64,36 +64,28 @@ def estimator_state(estimator: Any) -> dict[str, Any] | None:
 
 
 def training_state(module: Any) -> dict[str, Any]:
-    """An RL module's resume state beyond its ``state_dict`` and optimisers (see the module docstring)."""
+    """An RL module's resume state beyond its ``state_dict`` and optimisers (see the module docstring).
+
+    Reads the module's public parts: ``history`` (:class:`~lit_diffac.history.RunHistory`), ``estimator``,
+    ``faults`` (:class:`~lit_diffac.faults.NonFiniteGuard`) and ``critic_replay``.
+    """
+    replay = module.critic_replay
     return {
-        "samples_seen": int(module.samples_seen),
-        "eval_history": [dict(e) for e in module.eval_history],
-        "recent_metrics": [dict(m) for m in module._recent],
+        **module.history.state_dict(),
         "estimator": estimator_state(module.estimator),
-        "skipped_iterations": int(module.skipped_iterations),
-        "consecutive_bad": int(module.consecutive_bad),
-        "critic_replay": critic_replay_state(module),
+        **module.faults.state_dict(),
+        "critic_replay": replay.state_dict() if replay is not None and len(replay) and replay.checkpoint else None,
         "rng": capture_rng_state(),
     }
 
 
-def critic_replay_state(module: Any) -> dict[str, Any] | None:
-    """The module's critic replay (cached features and targets), unless it has none or opts out."""
-    replay = getattr(module, "critic_replay", None)
-    if replay is None or not len(replay) or not module.hparams.get("checkpoint_critic_replay", True):
-        return None
-    return replay.state_dict()
-
-
 def load_training_state(module: Any, state: Mapping[str, Any], rng: bool = True) -> None:
     """Put :func:`training_state`'s output back into ``module`` (and, if ``rng``, the global RNGs)."""
-    module.samples_seen = state["samples_seen"]
-    module.eval_history = [dict(e) for e in state["eval_history"]]
-    module._recent = [dict(m) for m in state["recent_metrics"]]
+    module.history.load_state_dict(state)
     if state["estimator"] is not None:
         module.estimator.load_state_dict(state["estimator"])
-    module.skipped_iterations, module.consecutive_bad = state["skipped_iterations"], state["consecutive_bad"]
-    if state.get("critic_replay") is not None:
+    module.faults.load_state_dict(state)
+    if state.get("critic_replay") is not None and module.critic_replay is not None:
         module.critic_replay.load_state_dict(state["critic_replay"])
     if rng:
         restore_rng_state(state["rng"])

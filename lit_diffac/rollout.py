@@ -83,6 +83,14 @@ def denoise(
     return u + cfg_scale * (c - u), [f[batch:] for f in out.features]
 
 
+def iteration_generator(seed: int, iteration: int, rank: int, purpose: int,
+                        device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by ``(seed, iteration, rank, purpose)``: every iteration's randomness (prompts and
+    rollout noise: purpose 0; minibatch order: purpose 1) is reproducible and independent of resumes."""
+    mixed = ((seed * 1_000_003 + iteration) * 4099 + rank) * 17 + purpose
+    return torch.Generator(device=device).manual_seed(mixed % (2**63))
+
+
 ValueFn = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -98,7 +106,6 @@ def collect_rollout(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     keep_features: bool = False,
-    negative_prompt: str = "",
 ) -> Rollout:
     """Sample ``len(prompts)`` trajectories with the current policy.
 
@@ -113,12 +120,11 @@ def collect_rollout(
         device: where to run (default: the backbone's).
         dtype: latent dtype fed to the backbone (log-prob maths stays fp32).
         keep_features: store every step's backbone features in :attr:`Rollout.features`.
-        negative_prompt: the unconditional branch's prompt under CFG (``""``: plain classifier-free guidance).
     """
     device = torch.device(device) if device is not None else next(backbone.denoiser.parameters()).device
     prompts = list(prompts)
     embeds = backbone.encode_prompts(prompts).to(device)
-    uncond = backbone.encode_prompts([negative_prompt] * len(prompts)).to(device) if cfg_scale != 1.0 else None
+    uncond = backbone.encode_negative(len(prompts)).to(device) if cfg_scale != 1.0 else None
     x = sampler.init_noise((len(prompts), *backbone.latent_shape), generator=generator, device=device)
     latents, log_probs, values, kept = [x], [], [], []
     for k in range(sampler.num_steps):

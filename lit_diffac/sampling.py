@@ -31,7 +31,7 @@ def load_module(config: str, ckpt: str | None = None, overrides: list[str] | Non
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"checkpoint {ckpt!r} not found")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        check_compatible(module.state_dict(), state, ckpt, ignore_prefixes=("rewards.", "eval_rewards."))
+        check_compatible(module.state_dict(), state, ckpt, ignore_prefixes=("rewards.",))
         module.load_state_dict(state, strict=False)
     return module.eval()
 
@@ -72,7 +72,7 @@ def sample_main(argv: list[str]) -> int:
     prompts = load_prompts(args.prompts)
     prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]
     module = load_module(args.config, args.ckpt, overrides)
-    rewards = {r.name: r for r in [*module.rewards, *getattr(module, "eval_rewards", [])]}
+    rewards = {r.name: r for r in [*module.rewards, *module.evaluation.rewards]}
     if args.best_of > 1 and args.rank_by != "value" and args.rank_by not in rewards:
         parser.error(f"--rank-by must be 'value' or one of {sorted(rewards)}")
     images, values, compute = [], [], 0.0

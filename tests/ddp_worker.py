@@ -17,6 +17,7 @@ import torch
 from lit_diffac.backbones import DiTBackbone
 from lit_diffac.estimators import CriticGAE
 from lit_diffac.modules import LatentActorCritic
+from lit_diffac.evaluation import HeldOutEvaluation
 from lit_diffac.rewards import DigitAlignment
 from lit_diffac.samplers import FlowSDESampler
 
@@ -34,9 +35,9 @@ class RecordingEstimator(CriticGAE):
 
 
 class Recorder(LatentActorCritic):
-    def update(self, rollout):
+    def update(self, rollout, actor_opt, critic_opt):
         self.estimator.record["raw_rewards"] = rollout.rewards.clone()
-        return super().update(rollout)
+        return super().update(rollout, actor_opt, critic_opt)
 
     def on_train_end(self) -> None:
         record = dict(self.estimator.record, rank=self.global_rank, world_size=self.trainer.world_size,
@@ -50,7 +51,7 @@ def main() -> None:
     module = Recorder(
         backbone=DiTBackbone("toy-dit", feature_taps=[1, 3]), rewards=[DigitAlignment()],
         sampler=FlowSDESampler(num_steps=3, noise_level=0.7), estimator=RecordingEstimator(),
-        eval_prompts=["a handwritten digit 3"], eval_samples_per_prompt=1, batch_size=4, minibatch_size=6, seed=0)
+        evaluation=HeldOutEvaluation(prompts=["a handwritten digit 3"], samples_per_prompt=1), batch_size=4, minibatch_size=6, seed=0)
     trainer = L.Trainer(strategy="ddp", devices=int(sys.argv[2]) if len(sys.argv) > 2 else 2, accelerator="cpu",
                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)

@@ -59,10 +59,11 @@ model:
         init_args: {{fn: helpers_faults.{reward}, name: brightness}}
     sampler: {{class_path: lit_diffac.samplers.{sampler}, init_args: {{num_steps: 4}}}}
     train_prompts: [a 1, a 2]
-    eval_prompts: [the digit 1, the number two]
+    evaluation:
+      class_path: lit_diffac.evaluation.HeldOutEvaluation
+      init_args: {{prompts: [the digit 1, the number two], samples_per_prompt: 1}}
     batch_size: 4
     minibatch_size: 8
-    eval_samples_per_prompt: 1
     clip_range: 0.01
     actor_lr: 0.001
 """

@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 
+from lit_diffac.evaluation import HeldOutEvaluation
 from lit_diffac.modules.actor_critic import LatentActorCritic
 from lit_diffac.rewards.base import CallableReward
-from lit_diffac.rollout import collect_rollout
 
 
 def _brightness(images, prompts, **_):
@@ -17,7 +17,8 @@ def _brightness(images, prompts, **_):
 
 def make_module(backbone, digit_reward=None, **kw):
     rewards = kw.pop("rewards", None) or [digit_reward or CallableReward(_brightness, name="brightness")]
-    defaults = dict(batch_size=4, minibatch_size=8, eval_samples_per_prompt=1, clip_range=1e-3)
+    defaults = dict(batch_size=4, minibatch_size=8, clip_range=1e-3,
+                    evaluation=HeldOutEvaluation(prompts=kw.pop("eval_prompts", "toy:heldout"), samples_per_prompt=1))
     defaults.update(kw)
     return LatentActorCritic(backbone=backbone, rewards=rewards, **defaults)
 
@@ -32,11 +33,16 @@ def attach_trainer(module, tmp_path=None, epochs=1):
     return trainer
 
 
+def update(module, rollout):
+    """One PPO update with the module's own optimisers (built without a Trainer when none is attached)."""
+    optimizers = module.actor_critic_optimizers() if module._trainer is not None else module.build_optimizers()
+    return module.update(rollout, *optimizers)
+
+
 def rollout_for(module, seed=0):
     generator = torch.Generator().manual_seed(seed)
     prompts = module.sample_prompts(generator)
-    r = collect_rollout(module.backbone, module.sampler, prompts, value_head=module.value_head,
-                        num_values=module.num_values, generator=generator, cfg_scale=module.hparams.cfg_scale)
+    r = module.roll_out(prompts, generator)
     r.rewards = module.score(r.images, prompts)
     return r
 
@@ -54,7 +60,7 @@ def test_rollout_shapes(backbone):
 def test_on_policy_first_minibatch(backbone):
     module = make_module(backbone)
     attach_trainer(module)
-    metrics = module.update(rollout_for(module))
+    metrics = update(module, rollout_for(module))
     assert metrics["train/onpolicy_max_abs_ratio_dev"] < 1e-5
 
 
@@ -64,7 +70,7 @@ def test_one_backbone_forward_per_minibatch(backbone):
     rollout = rollout_for(module)
     calls = []
     handle = backbone.denoiser.register_forward_hook(lambda *a: calls.append(a[2].sample.shape[0]))
-    module.update(rollout)
+    update(module, rollout)
     handle.remove()
     pairs = 4 * module.sampler.num_steps
     assert len(calls) == 2 * -(-pairs // 8)  # epochs × minibatches: log-prob and value from ONE pass each
@@ -88,7 +94,7 @@ def test_update_moves_actor_and_critic(unet_backbone):
     attach_trainer(module)
     actor = [p.detach().clone() for p in module.backbone.policy_parameters()]
     critic = [p.detach().clone() for p in module.value_head.parameters()]
-    metrics = module.update(rollout_for(module))
+    metrics = update(module, rollout_for(module))
     assert _changed(actor, module)
     assert any(not torch.equal(b, p) for b, p in zip(critic, module.value_head.parameters()))
     for key in ("train/policy_loss", "train/value_loss", "train/approx_kl", "train/clipfrac", "train/ratio_mean",
@@ -107,7 +113,7 @@ def test_value_gradient_option_reaches_backbone(dit_backbone):
         attach_trainer(module)
         r = rollout_for(module)
         i, k = torch.arange(4), torch.zeros(4, dtype=torch.long)
-        _, values = module.forward_step(r.latents[i, k], k, r.embeds[i], r.latents[i, k + 1])
+        _, values, _ = module.forward_step(r.latents[i, k], k, r.embeds[i], r.latents[i, k + 1])
         module.backbone.zero_grad()
         values.sum().backward()
         grads[mode] = sum(p.grad.abs().sum().item() for p in module.backbone.policy_parameters()
@@ -117,18 +123,23 @@ def test_value_gradient_option_reaches_backbone(dit_backbone):
 
 @pytest.mark.parametrize("option, value", [
     ("clip_range", 1e-6), ("value_clip_range", 1e-3), ("timestep_fraction", 0.5), ("num_inner_epochs", 2),
-    ("reward_normalization", "none"), ("actor_lr", 1e-3), ("critic_lr", 1e-1), ("minibatch_size", 5),
-    ("max_grad_norm", 1e-6), ("value_loss_coef", 10.0)])
+    ("actor_lr", 1e-3), ("critic_lr", 1e-1), ("minibatch_size", 5),
+    ("max_grad_norm", 1e-6), ("estimator", "no_normalization"), ("critic_replay", "replay")])
 def test_every_option_changes_the_update(unet_backbone, toy_pipelines, option, value):
     """Same rollout and seed; changing one option changes the weights after one update."""
     from lit_diffac.backbones.unet import UNetBackbone
 
+    from lit_diffac.critic_replay import CriticReplay
+    from lit_diffac.estimators import CriticGAE
+
+    value = {"no_normalization": CriticGAE(reward_normalization="none"), "replay": CriticReplay(iterations=2)}.get(
+        value, value)
     results = []
     for kw in ({}, {option: value}):
         L.seed_everything(0)
         module = make_module(UNetBackbone(str(toy_pipelines["unet"])), **kw)
         attach_trainer(module)
-        module.update(rollout_for(module))
+        update(module, rollout_for(module))
         results.append(torch.cat([p.detach().flatten() for p in module.backbone.policy_parameters()]
                                  + [p.detach().flatten() for p in module.value_head.parameters()]))
     assert not torch.equal(results[0], results[1])
@@ -143,7 +154,7 @@ def test_cfg_changes_rollout(unet_backbone):
 def test_cfg_on_policy(unet_backbone):
     module = make_module(unet_backbone, cfg_scale=2.0)
     attach_trainer(module)
-    assert module.update(rollout_for(module))["train/onpolicy_max_abs_ratio_dev"] < 1e-5
+    assert update(module, rollout_for(module))["train/onpolicy_max_abs_ratio_dev"] < 1e-5
 
 
 def test_reward_weights_change_advantages(unet_backbone):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lit_diffac.backbones.base import resolve_pretrained
+from lit_diffac.backbones.loading import resolve_pretrained
 from lit_diffac.backbones.dit import DiTBackbone
 from lit_diffac.backbones.unet import UNetBackbone
 
@@ -62,3 +62,42 @@ def test_toy_aliases_resolve_to_shipped_folders():
     for alias in ("toy-unet", "toy-dit"):
         assert resolve_pretrained(alias).endswith(alias)
     assert resolve_pretrained("/some/path") == "/some/path"  # folders and hub ids: locate_pipeline's business
+
+
+@pytest.mark.parametrize("cls, family, load", [(UNetBackbone, "unet", "load_unet_components"),
+                                               (DiTBackbone, "dit", "load_dit_components")])
+def test_built_from_loaded_components_equals_loaded_by_name(cls, family, load, toy_pipelines):
+    from lit_diffac.backbones import loading
+
+    components = getattr(loading, load)(str(toy_pipelines[family]))
+    assert isinstance(components, loading.PipelineComponents) and components.vae is None
+    assert not components.extra_text  # the toy layouts have one text encoder
+    by_name = cls(str(toy_pipelines[family]))
+    by_components = cls(components)
+    assert by_name.pretrained == str(toy_pipelines[family]) and by_components.pretrained is None
+    assert type(cls.from_components(getattr(loading, load)(str(toy_pipelines[family])))) is cls
+    state = by_name.state_dict()
+    assert state.keys() == by_components.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in by_components.state_dict().items())
+    embeds = by_name.encode_prompts(["the digit 4"])
+    x, t = torch.randn(1, *by_name.latent_shape), torch.tensor([400])
+    assert torch.equal(by_name(x, t, embeds).prediction, by_components(x, t, embeds).prediction)
+
+
+def test_toy_backbones_are_built_by_ordinary_construction():
+    from lit_diffac.toy.models import build_toy_backbone
+
+    for family, cls in (("unet", UNetBackbone), ("dit", DiTBackbone)):
+        backbone = build_toy_backbone(family)
+        assert type(backbone) is cls and backbone.pretrained is None
+    assert build_toy_backbone("dit").max_sequence_length == 256  # the subclass's __init__ ran too
+    with pytest.raises(ValueError, match="family must be 'unet' or 'dit'"):
+        build_toy_backbone("vit")
+
+
+def test_loading_names_stay_importable_from_base():
+    from lit_diffac.backbones import base, loading
+
+    for name in ("resolve_pretrained", "locate_pipeline", "hub_has_subfolder", "load_component",
+                 "PipelineComponents", "PipelineNotFoundError", "HubUnavailableError"):
+        assert getattr(base, name) is getattr(loading, name)

@@ -4,10 +4,15 @@ import lightning as L
 import pytest
 import torch
 
+from lit_diffac.evaluation import HeldOutEvaluation
 from lit_diffac.modules import DDPO, GRPO, LatentActorCritic
 from lit_diffac.rewards.base import CallableReward
 
-SMALL = dict(batch_size=4, minibatch_size=20, eval_samples_per_prompt=1, eval_prompts=["the digit 1"])
+SMALL = dict(batch_size=4, minibatch_size=20)
+
+
+def small(**kw):
+    return {**SMALL, "evaluation": HeldOutEvaluation(prompts=["the digit 1"], samples_per_prompt=1), **kw}
 
 
 def _bright(images, prompts, **_):
@@ -21,7 +26,7 @@ def _fit(module, tmp_path, epochs=1):
 
 
 def test_grpo_groups_prompts_and_trains_without_critic(dit_backbone, tmp_path):
-    module = GRPO(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], samples_per_prompt=2, **SMALL)
+    module = GRPO(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], samples_per_prompt=2, **small())
     assert module.value_head is None
     prompts = module.sample_prompts(torch.Generator().manual_seed(0))
     assert prompts[0] == prompts[1] and prompts[2] == prompts[3]
@@ -32,7 +37,7 @@ def test_grpo_groups_prompts_and_trains_without_critic(dit_backbone, tmp_path):
 
 
 def test_ddpo_trains_without_critic(dit_backbone, tmp_path):
-    module = DDPO(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], **SMALL)
+    module = DDPO(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], **small())
     assert module.value_head is None
     _fit(module, tmp_path)
     assert module.last_metrics["train/policy_loss"] == module.last_metrics["train/policy_loss"]  # finite
@@ -40,9 +45,9 @@ def test_ddpo_trains_without_critic(dit_backbone, tmp_path):
 
 def test_validation(dit_backbone):
     with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
-        GRPO(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], samples_per_prompt=3, **SMALL)
+        GRPO(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], samples_per_prompt=3, **small())
     with pytest.raises(ValueError, match="needs a LoRA policy"):
-        LatentActorCritic(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], kl_coef=0.1, **SMALL)
+        LatentActorCritic(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], kl_coef=0.1, **small())
 
 
 def test_kl_is_zero_when_adapter_equals_reference(toy_pipelines):
@@ -51,16 +56,16 @@ def test_kl_is_zero_when_adapter_equals_reference(toy_pipelines):
     from lit_diffac.rollout import collect_rollout
 
     backbone = DiTBackbone(str(toy_pipelines["dit"]), lora_rank=4)
-    module = GRPO(backbone=backbone, rewards=[CallableReward(_bright, name="b")], kl_coef=0.1, **SMALL)
+    module = GRPO(backbone=backbone, rewards=[CallableReward(_bright, name="b")], kl_coef=0.1, **small())
     generator = torch.Generator().manual_seed(0)
     prompts = module.sample_prompts(generator)
     r = collect_rollout(backbone, module.sampler, prompts, generator=generator)
     i, k = torch.arange(4), torch.full((4,), 3)
-    module.forward_step(r.latents[i, k], k, r.embeds[i], r.latents[i, k + 1])
-    assert torch.allclose(module._last_kl, torch.zeros(4), atol=1e-10)
+    _, _, kl = module.forward_step(r.latents[i, k], k, r.embeds[i], r.latents[i, k + 1])
+    assert torch.allclose(kl, torch.zeros(4), atol=1e-10)
     with torch.no_grad():
         for name, p in backbone.denoiser.named_parameters():
             if "lora_B" in name:
                 p.add_(0.05 * torch.randn_like(p))
-    module.forward_step(r.latents[i, k], k, r.embeds[i], r.latents[i, k + 1])
-    assert (module._last_kl > 0).all()
+    _, _, kl = module.forward_step(r.latents[i, k], k, r.embeds[i], r.latents[i, k + 1])
+    assert (kl > 0).all()

@@ -1,5 +1,6 @@
-"""Monitoring callbacks (``lit_diffac.callbacks``): held-out evaluation, sample grids, the RL progress bar,
-and the screenshot-level check: a tiny training run's TensorBoard event file holds the grid and eval scalars."""
+"""Monitoring: the modules' held-out evaluation (``lit_diffac.evaluation.HeldOutEvaluation``), the callbacks
+(``lit_diffac.callbacks``: sample grids, the RL progress bar), and the screenshot-level check: a tiny training
+run's TensorBoard event file holds the grid and eval scalars."""
 
 from __future__ import annotations
 
@@ -13,15 +14,22 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from lit_diffac.callbacks import HeldOutEvaluation, RLProgressBar, SampleGrid, annotate_grid, mean_pairwise_distance
+from lit_diffac.callbacks import RLProgressBar, SampleGrid, annotate_grid
 from lit_diffac.callbacks.sample_grid import wrap_text
+from lit_diffac.evaluation import HeldOutEvaluation, mean_pairwise_distance
+
+EVAL_PROMPTS = ["a handwritten digit 3", "handwritten seven"]
+
+
+def tiny_evaluation(**overrides) -> HeldOutEvaluation:
+    """The held-out evaluation of the tests: two prompts, two samples each (diversity needs two)."""
+    return HeldOutEvaluation(**{"prompts": EVAL_PROMPTS, "samples_per_prompt": 2, **overrides})
 
 
 def tiny_module(backbone, reward, **overrides):
     from lit_diffac.modules import LatentActorCritic
 
-    kwargs = dict(batch_size=2, minibatch_size=20, eval_samples_per_prompt=2, eval_every_n_iterations=0,
-                  eval_prompts=["a handwritten digit 3", "handwritten seven"])
+    kwargs = dict(batch_size=2, minibatch_size=20, evaluation=tiny_evaluation())
     kwargs.update(overrides)
     torch.manual_seed(0)  # the value head's initialisation
     return LatentActorCritic(backbone=backbone, rewards=[reward], **kwargs)
@@ -84,36 +92,81 @@ def test_annotate_grid_upscales_each_tile_and_writes_its_caption():
         annotate_grid(images, ["a", "b"])
 
 
-# --------------------------------------------------------------------------------------------- in training
+# --------------------------------------------------------------------------------------------- held-out evaluation
 
-def test_callback_evaluation_equals_the_builtin_one_and_leaves_training_unchanged(dit_backbone, toy_pipelines,
-                                                                                  digit_reward):
-    """Same prompts, seed and samples: the callback's eval/<reward> values are the module's own; moving the
-    periodic evaluation into the callback changes neither the training nor the figures."""
+def test_measure_is_evaluate_plus_diversity_on_the_same_settings(dit_backbone, digit_reward):
+    """The component's eval/<reward> values are :func:`evaluate`'s (same prompts, seed, samples, sampler, CFG
+    off), i.e. :func:`score_images` of :func:`generate`'s images; diversity is their pairwise RMS distance."""
+    from lit_diffac.evaluation import evaluate, expand_prompts, generate, pixel_features, score_images
+    from lit_diffac.rewards import Brightness
+
+    module = tiny_module(dit_backbone, digit_reward)
+    evaluation = module.evaluation
+    assert evaluation.prompts == EVAL_PROMPTS and evaluation.every_n_iterations == 0
+    metrics = evaluation.measure(module.backbone, module.sampler, list(module.rewards))
+    reference = evaluate(module.backbone, module.sampler, EVAL_PROMPTS, [digit_reward], samples_per_prompt=2)
+    assert set(metrics) == {"eval/digit_alignment", "eval/digit_alignment_accuracy", "eval/diversity"}
+    assert {k: metrics[k] for k in reference} == reference  # exactly: same images, same scores
+    prompts = expand_prompts(EVAL_PROMPTS, 2)
+    images = generate(module.backbone, module.sampler, prompts)
+    assert score_images(images, prompts, [digit_reward]) == reference
+    assert metrics["eval/diversity"] == mean_pairwise_distance(pixel_features(images), prompts)
+    assert 0.0 < metrics["eval/diversity"] < 1.0  # RMS pixel distance of distinct samples
+
+    # Evaluation-only rewards are added unless a training reward has their name; diversity can be turned off.
+    extra = tiny_evaluation(rewards=[Brightness(), type(digit_reward)()], diversity=False)
+    more = extra.measure(module.backbone, module.sampler, list(module.rewards))
+    assert set(more) == {"eval/digit_alignment", "eval/digit_alignment_accuracy", "eval/brightness"}
+    assert more["eval/digit_alignment"] == metrics["eval/digit_alignment"]
+    assert more["eval/brightness"] == pytest.approx(images.mean().item(), rel=1e-5)
+    # One sample per prompt: no pair, so no diversity (left out, or NaN, which the loggers drop).
+    single = tiny_evaluation(samples_per_prompt=1).measure(module.backbone, module.sampler, [digit_reward])
+    assert math.isnan(single.get("eval/diversity", math.nan))
+
+
+def test_is_due_leaves_the_last_iteration_to_the_final_evaluation():
+    every_two = HeldOutEvaluation(prompts=EVAL_PROMPTS, every_n_iterations=2)
+    assert [every_two.is_due(n, last=False) for n in (1, 2, 3, 4)] == [False, True, False, True]
+    assert not every_two.is_due(4, last=True)
+    never = HeldOutEvaluation(prompts=EVAL_PROMPTS, every_n_iterations=0)
+    assert not any(never.is_due(n, last=False) for n in (1, 2, 50))
+
+
+def test_periodic_evaluations_are_recorded_and_leave_training_unchanged(dit_backbone, toy_pipelines, digit_reward):
+    """base (iteration 0), periodic every ``every_n_iterations`` (not at the last one) and final, in
+    ``module.history.evaluations``; the base one is ``measure()`` of the initial policy; evaluating more often
+    changes neither the training nor the base / final figures."""
     from lit_diffac.backbones import DiTBackbone
 
-    builtin = tiny_module(dit_backbone, digit_reward, eval_every_n_iterations=1)
-    fit(builtin, 2)
-    callback = HeldOutEvaluation(every_n_steps=1, verbose=False)
-    moved = tiny_module(DiTBackbone(str(toy_pipelines["dit"])), digit_reward)
-    fit(moved, 2, callbacks=[callback])
-    periodic = [e for e in builtin.eval_history if e["label"] == "periodic"]
-    from_callback = [e for e in moved.eval_history if e["label"] == "callback-periodic"]
-    assert len(periodic) == len(from_callback) == 1  # after iteration 1 of 2 (the final one is the module's)
-    for key in ("eval/digit_alignment", "eval/digit_alignment_accuracy"):
-        assert from_callback[0][key] == periodic[0][key]
-        assert moved.eval_history[-1][key] == builtin.eval_history[-1][key]
-    assert 0.0 < from_callback[0]["eval/diversity"] < 1.0  # RMS pixel distance of distinct samples
-    for (name, a), (_, b) in zip(builtin.state_dict().items(), moved.state_dict().items()):
+    module = tiny_module(dit_backbone, digit_reward, evaluation=tiny_evaluation(every_n_iterations=2))
+    base = module.evaluation.measure(module.backbone, module.sampler, list(module.rewards))
+    fit(module, 3)
+    history = module.history.evaluations
+    assert [(e["label"], e["iteration"], e["samples_seen"]) for e in history] == \
+        [("base", 0, 0), ("periodic", 2, 4), ("final", 3, 6)]
+    assert {k: v for k, v in history[0].items() if k.startswith("eval/")} == base
+    for entry in history:
+        assert {"eval/digit_alignment", "eval/digit_alignment_accuracy", "eval/diversity"} <= set(entry)
+        assert 0.0 < entry["eval/diversity"] < 1.0
+    assert module.history.samples_seen == 6
+
+    plain = tiny_module(DiTBackbone(str(toy_pipelines["dit"])), digit_reward)  # every_n_iterations=0
+    fit(plain, 3)
+    assert [e["label"] for e in plain.history.evaluations] == ["base", "final"]
+    assert plain.history.evaluations == [history[0], history[-1]]
+    for (name, a), (_, b) in zip(module.state_dict().items(), plain.state_dict().items()):
         assert torch.equal(a, b), name
 
 
-def test_callbacks_name_the_module_they_need():
+def test_configs_are_validated_and_callbacks_name_the_module_they_need():
     module = L.LightningModule()
-    with pytest.raises(TypeError, match="needs a module with a `backbone` and a `sampler`"):
-        HeldOutEvaluation(every_n_steps=1).measure(module)
+    with pytest.raises(TypeError, match="SampleGrid needs a module with a `backbone` and a `sampler`"):
+        SampleGrid(prompts=["seven"]).draw(module)
     with pytest.raises(ValueError, match="every_n_steps must be >= 0"):
         SampleGrid(every_n_steps=-1)
+    with pytest.raises(ValueError, match=r"invalid HeldOutEvaluation: samples_per_prompt must be >= 1 \(got 0\); "
+                                         r"every_n_iterations must be >= 0 \(got -1\)"):
+        HeldOutEvaluation(prompts=EVAL_PROMPTS, samples_per_prompt=0, every_n_iterations=-1)
 
 
 def test_sample_grid_writes_the_chosen_rewards_under_the_images(dit_backbone, digit_reward):
@@ -147,9 +200,9 @@ def test_clip_score_is_torchmetrics_on_the_configured_folder(dit_backbone, digit
     from lit_diffac.evaluation import expand_prompts, generate
 
     module = tiny_module(dit_backbone, digit_reward)
-    callback = HeldOutEvaluation(clip_model=str(clip_folder), samples_per_prompt=3, verbose=False)
-    metrics = callback.measure(module)
-    prompts = expand_prompts(module.eval_prompt_list, 3)
+    evaluation = tiny_evaluation(clip_model=str(clip_folder), samples_per_prompt=3)
+    metrics = evaluation.measure(module.backbone, module.sampler, list(module.rewards))
+    prompts = expand_prompts(evaluation.prompts, 3)
     images = generate(module.backbone, module.sampler, prompts)
     out = reference_clip_outputs(clip_folder, images, prompts)  # transformers' own processor + forward
     cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
@@ -172,11 +225,11 @@ def test_tensorboard_event_file_has_the_grid_and_the_eval_scalars(dit_backbone, 
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    module = tiny_module(dit_backbone, digit_reward)
+    module = tiny_module(dit_backbone, digit_reward,
+                         evaluation=tiny_evaluation(every_n_iterations=1, clip_model=str(clip_folder)))
     grid = SampleGrid(every_n_steps=1, num_prompts=2, save_png=True)
-    evaluation = HeldOutEvaluation(every_n_steps=1, clip_model=str(clip_folder), at_end=True)
     logger = TensorBoardLogger(str(tmp_path), name="run")
-    fit(module, 2, callbacks=[grid, evaluation, RLProgressBar()], logger=logger)
+    fit(module, 2, callbacks=[grid, RLProgressBar()], logger=logger)
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
@@ -190,8 +243,10 @@ def test_tensorboard_event_file_has_the_grid_and_the_eval_scalars(dit_backbone, 
     for key in ("eval/digit_alignment", "eval/digit_alignment_accuracy", "eval/diversity", "eval/clip_score",
                 "eval/clip_diversity"):
         assert key in tags["scalars"], key
-    assert [e.step for e in events.Scalars("eval/diversity")] == [1, 2]
-    assert [e.step for e in events.Scalars("eval/digit_alignment")] == [0, 1, 2, 2]  # module base/final + callback
+    for key in ("eval/diversity", "eval/clip_score", "eval/digit_alignment"):  # base, periodic, final
+        assert [e.step for e in events.Scalars(key)] == [0, 1, 2], key
+    logged = [e.value for e in events.Scalars("eval/digit_alignment")]
+    assert logged == pytest.approx([e["eval/digit_alignment"] for e in module.history.evaluations])
     out = capsys.readouterr().out
     assert "iteration 2/2" in out and "reward=" in out and "approx_kl=" in out and "ev=" in out
 
@@ -204,7 +259,7 @@ def test_recipe_callbacks_from_the_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "toy" / "actor_critic_dit.yaml"
     tiny = ["--trainer.max_epochs=1", "--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20",
-            "--model.init_args.eval_samples_per_prompt=1", "--trainer.enable_model_summary=false"]
+            "--model.init_args.evaluation.init_args.samples_per_prompt=1", "--trainer.enable_model_summary=false"]
     assert main(["run", str(recipe), *tiny]) == 0
     out = capsys.readouterr().out
     assert "iteration 1/1" in out and all(f"{k}=" in out for k in ("reward", "approx_kl", "ev"))

@@ -14,7 +14,7 @@ from lit_diffac.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--trainer.max_epochs=1", "--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20",
-        "--model.init_args.eval_samples_per_prompt=1", "--trainer.enable_progress_bar=false",
+        "--model.init_args.evaluation.init_args.samples_per_prompt=1", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false"]
 
 

@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_diffac.backbones.dit import DiTBackbone
 from lit_diffac.errors import TrainingHalted
-from lit_diffac.faults import NonFiniteUpdate, TrainableSnapshot, nonfinite_inputs
+from lit_diffac.evaluation import HeldOutEvaluation
+from lit_diffac.faults import GracefulStop, NonFiniteGuard, NonFiniteUpdate, TrainableSnapshot, nonfinite_inputs
 from lit_diffac.modules import LatentActorCritic
 from lit_diffac.rewards.base import CallableReward
 from lit_diffac.samplers import FlowSDESampler
@@ -44,7 +45,8 @@ def make(pipeline, reward, **kw):
     L.seed_everything(0)
     return LatentActorCritic(backbone=DiTBackbone(str(pipeline)), rewards=[CallableReward(reward, name="r")],
                              sampler=FlowSDESampler(num_steps=4), batch_size=4, minibatch_size=8,
-                             eval_samples_per_prompt=1, eval_prompts=["the digit 1", "the number two"],
+                             evaluation=HeldOutEvaluation(samples_per_prompt=1,
+                                                          prompts=["the digit 1", "the number two"]),
                              train_prompts=["a 1", "a 2"], clip_range=1e-2, actor_lr=1e-3, **kw)
 
 
@@ -90,21 +92,22 @@ def test_nan_reward_skips_the_iteration_and_the_run_goes_on(toy_pipelines, tmp_p
     assert [m["fault/skipped"] for m in log.metrics] == [0.0, 1.0, 0.0]
     assert log.metrics[-1]["fault/skipped_iterations"] == 1.0
     assert module.reward_normalizer.stats.count.item() == 8  # the NaN batch never reached the statistics
+    assert (module.faults.skipped_iterations, module.faults.consecutive_bad, module.faults.halt_reason) == (1, 0, None)
     assert "[iteration 1] update skipped, weights unchanged: reward 'r' is not finite for 1/4 samples" \
         in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("rollback", [True, False])
 def test_nonfinite_loss_mid_update_rolls_the_whole_iteration_back(toy_pipelines, tmp_path, rollback):
-    module = make(toy_pipelines["dit"], nan_at(-1), rollback_on_nonfinite=rollback)
+    module = make(toy_pipelines["dit"], nan_at(-1), faults=NonFiniteGuard(rollback=rollback))
     log = StateLog()
     original = module.forward_step
     calls = {"n": 0}
 
     def second_minibatch_nan(*args, **kwargs):  # the first minibatch steps, the second has a NaN log-prob
-        log_prob, values = original(*args, **kwargs)
+        log_prob, values, kl = original(*args, **kwargs)
         calls["n"] += 1
-        return (log_prob * float("nan"), values) if calls["n"] == 2 else (log_prob, values)
+        return (log_prob * float("nan"), values, kl) if calls["n"] == 2 else (log_prob, values, kl)
 
     module.forward_step = second_minibatch_nan
     trainer_for(tmp_path, 1, log).fit(module)
@@ -119,12 +122,14 @@ def test_nonfinite_loss_mid_update_rolls_the_whole_iteration_back(toy_pipelines,
 
 def test_consecutive_bad_iterations_stop_with_a_checkpoint(toy_pipelines, tmp_path):
     module = make(toy_pipelines["dit"], lambda images, prompts, **_: torch.full((len(prompts),), float("nan")),
-                  max_bad_iterations=2)
+                  faults=NonFiniteGuard(max_bad_iterations=2))
+    assert any(isinstance(c, GracefulStop) and c.guard is module.faults for c in module.configure_callbacks())
     with pytest.raises(TrainingHalted, match=r"2 consecutive iterations had non-finite values .*reward 'r' is not "
                                              r"finite for 4/4 samples.*saved a resumable checkpoint to .*last.ckpt"):
         trainer_for(tmp_path, 5).fit(module)
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert state["epoch"] == 1 and state["lit_diffac"]["skipped_iterations"] == 2
+    assert module.faults.skipped_iterations == 2 and "2 consecutive iterations" in module.faults.halt_reason
 
 
 def test_nonfinite_inputs_and_snapshot_units():
@@ -146,9 +151,45 @@ def test_nonfinite_inputs_and_snapshot_units():
     assert issubclass(NonFiniteUpdate, Exception)
 
 
-def test_max_bad_iterations_is_validated(toy_pipelines):
+def test_max_bad_iterations_is_validated():
     with pytest.raises(ValueError, match=r"max_bad_iterations must be >= 1 \(got 0\)"):
-        make(toy_pipelines["dit"], nan_at(-1), max_bad_iterations=0)
+        NonFiniteGuard(max_bad_iterations=0)
+
+
+def test_guard_counts_skips_rolls_back_and_halts():
+    """:meth:`NonFiniteGuard.run` on its own: skip before the update, roll back mid-update, halt, and its state."""
+    guard = NonFiniteGuard(max_bad_iterations=2)
+    layer = torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    ran, messages = [], []
+
+    def update_then_fail():
+        ran.append(True)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(1.0)
+        raise NonFiniteUpdate("loss is not finite (inner epoch 0, minibatch 1)")
+
+    run = dict(snapshot=lambda: TrainableSnapshot(layer.parameters(), []), everywhere=lambda ok: ok,
+               log=messages.append)
+    assert guard.run(lambda: {"x": 1.0}, None, iteration=0, **run) == \
+        {"x": 1.0, "fault/skipped": 0.0, "fault/skipped_iterations": 0.0}
+    out = guard.run(lambda: ran.append(True), "reward 'r' is not finite for 1/4 samples", iteration=1, **run)
+    assert out == {"fault/skipped": 1.0, "fault/skipped_iterations": 1.0} and not ran  # skipped before it starts
+    assert guard.consecutive_bad == 1 and guard.halt_reason is None
+    out = guard.run(update_then_fail, None, iteration=2, **run)
+    assert ran and out["fault/skipped_iterations"] == 2.0
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # rolled back
+    assert messages[-1].startswith("[iteration 2] update skipped, weights unchanged: loss is not finite")
+    assert guard.halt_reason.startswith("2 consecutive iterations had non-finite values (last, iteration 2: loss")
+    assert guard.state_dict() == {"skipped_iterations": 2, "consecutive_bad": 0}
+    other = NonFiniteGuard()
+    other.load_state_dict(guard.state_dict())
+    assert other.state_dict() == guard.state_dict()
+    # another process's bad inputs skip this one too
+    assert guard.run(lambda: {"x": 1.0}, None, iteration=3, **{**run, "everywhere": lambda ok: False}) == \
+        {"fault/skipped": 1.0, "fault/skipped_iterations": 3.0}
+    assert "another process had non-finite" in messages[-1]
 
 
 # ------------------------------------------------------------------------------------- SIGTERM, end to end

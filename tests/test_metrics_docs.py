@@ -1,5 +1,5 @@
-"""docs/metrics.md cannot rot: every key the modules and callbacks log in a one-iteration toy run, with every
-option that adds metrics, is documented there."""
+"""docs/metrics.md cannot rot: every key the modules (with their held-out evaluation) and callbacks log in a
+one-iteration toy run, with every option that adds metrics, is documented there."""
 
 from __future__ import annotations
 
@@ -45,23 +45,26 @@ def test_the_doc_lists_the_metric_families():
 
 def test_every_key_of_a_one_iteration_run_is_documented(toy_pipelines, clip_folder, tmp_path):  # noqa: F811
     from lit_diffac.backbones import DiTBackbone
-    from lit_diffac.callbacks import HeldOutEvaluation
+    from lit_diffac.critic_replay import CriticReplay
+    from lit_diffac.evaluation import HeldOutEvaluation
     from lit_diffac.modules import MultiRewardActorCritic
     from lit_diffac.rewards import Brightness, DigitAlignment
 
     torch.manual_seed(0)
     module = MultiRewardActorCritic(  # every option that adds metrics: two rewards, LoRA + KL, extra critic passes
         backbone=DiTBackbone(str(toy_pipelines["dit"]), lora_rank=2), rewards=[Brightness(), DigitAlignment()],
-        batch_size=2, minibatch_size=20, kl_coef=0.1, critic_epochs=1, value_clip_range=0.2,
-        eval_samples_per_prompt=1, eval_prompts=["handwritten seven"])
+        batch_size=2, minibatch_size=20, kl_coef=0.1, critic_replay=CriticReplay(iterations=1, passes=1),
+        value_clip_range=0.2,  # and an evaluation with diversity and CLIP score
+        evaluation=HeldOutEvaluation(prompts=["handwritten seven"], samples_per_prompt=2,
+                                     clip_model=str(clip_folder)))
     logger = TensorBoardLogger(str(tmp_path), name="rl")
     L.Trainer(max_epochs=1, accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False,
-              callbacks=[HeldOutEvaluation(samples_per_prompt=2, clip_model=str(clip_folder), at_end=True)]
-              ).fit(module)
+              enable_model_summary=False).fit(module)
+    assert [e["label"] for e in module.history.evaluations] == ["base", "final"]
     keys = logged_keys(logger.log_dir)
     assert {"train/kl_to_reference", "train/critic_extra_value_loss", "train/explained_variance/brightness",
-            "eval/clip_score", "eval/diversity", "perf/reward_time/digit_alignment"} <= keys
+            "eval/clip_score", "eval/clip_diversity", "eval/diversity", "eval/digit_alignment_accuracy",
+            "perf/reward_time/digit_alignment", "fault/skipped"} <= keys
     assert undocumented(keys) == []
 
 

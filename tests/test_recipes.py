@@ -12,13 +12,13 @@ TINY = {
     "value_pretrain": ["--trainer.max_epochs=1", "--model.init_args.batch_size=2",
                        "--model.init_args.minibatch_size=20"],
     "multi_reward": ["--trainer.max_epochs=1", "--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20",
-                     "--model.init_args.eval_samples_per_prompt=1"],
+                     "--model.init_args.evaluation.init_args.samples_per_prompt=1"],
     "grpo": ["--trainer.max_epochs=1", "--model.init_args.batch_size=4", "--model.init_args.minibatch_size=20",
-             "--model.init_args.eval_samples_per_prompt=1"],
+             "--model.init_args.evaluation.init_args.samples_per_prompt=1"],
     "ddpo": ["--trainer.max_epochs=1", "--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20",
-             "--model.init_args.eval_samples_per_prompt=1"],
+             "--model.init_args.evaluation.init_args.samples_per_prompt=1"],
     "actor_critic": ["--trainer.max_epochs=1", "--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20",
-                     "--model.init_args.eval_samples_per_prompt=1"],
+                     "--model.init_args.evaluation.init_args.samples_per_prompt=1"],
 }
 
 

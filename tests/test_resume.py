@@ -11,8 +11,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_diffac.backbones.dit import DiTBackbone
+from lit_diffac.critic_replay import CriticReplay
 from lit_diffac.errors import CheckpointMismatchError
 from lit_diffac.estimators import PerPromptStats
+from lit_diffac.evaluation import HeldOutEvaluation
 from lit_diffac.modules import DDPO, LatentActorCritic
 from lit_diffac.resume import CHECKPOINT_KEY, capture_rng_state, restore_rng_state
 from lit_diffac.rewards.base import CallableReward
@@ -40,14 +42,20 @@ class Recorder(Callback):
 def fit(cls, pipeline, root, name: str, epochs: int, ckpt_path=None, **kw):
     L.seed_everything(0)
     module = cls(backbone=DiTBackbone(str(pipeline)), rewards=[CallableReward(noisy_brightness)],
-                 sampler=FlowSDESampler(num_steps=4), batch_size=4, minibatch_size=8, eval_samples_per_prompt=1,
-                 eval_prompts=EVAL_PROMPTS, train_prompts=["a 1", "a 2"], clip_range=1e-2, actor_lr=1e-3, **kw)
+                 sampler=FlowSDESampler(num_steps=4), batch_size=4, minibatch_size=8,
+                 evaluation=HeldOutEvaluation(samples_per_prompt=2, prompts=EVAL_PROMPTS), train_prompts=["a 1", "a 2"],
+                 clip_range=1e-2, actor_lr=1e-3, **kw)
     recorder = Recorder()
     trainer = L.Trainer(max_epochs=epochs, logger=TensorBoardLogger(root, name=name, version=0),
                         callbacks=[ModelCheckpoint(dirpath=root / name / "ckpt", save_last=True), recorder],
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)  # resume: weights_only
     return module, recorder.metrics, trainer
+
+
+def untimed(metrics: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Training metrics without the wall-clock ``perf/…`` timings."""
+    return [{k: v for k, v in m.items() if not k.startswith("perf/") or k == "perf/samples_seen"} for m in metrics]
 
 
 def assert_same_state(a, b) -> None:
@@ -61,35 +69,40 @@ def assert_same_state(a, b) -> None:
             assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-@pytest.mark.parametrize("cls, kw", [(LatentActorCritic, {}),
-                                     (LatentActorCritic, {"critic_epochs": 1, "critic_replay": 3}),
-                                     (DDPO, {"estimator": PerPromptStats(buffer_size=8, min_count=2)})],
-                         ids=["actor_critic", "actor_critic_replay", "ddpo"])
-def test_four_iterations_equal_two_plus_resume_plus_two(cls, kw, toy_pipelines, tmp_path):
+@pytest.mark.parametrize("cls, kwargs", [
+    (LatentActorCritic, lambda: {}),
+    (LatentActorCritic, lambda: {"critic_replay": CriticReplay(iterations=3, passes=1)}),
+    (DDPO, lambda: {"estimator": PerPromptStats(buffer_size=8, min_count=2)})],
+    ids=["actor_critic", "actor_critic_replay", "ddpo"])
+def test_four_iterations_equal_two_plus_resume_plus_two(cls, kwargs, toy_pipelines, tmp_path):
     pipeline = toy_pipelines["dit"]
+    kw = kwargs()  # fresh stateful components (estimator, replay) for every run
     whole, whole_metrics, _ = fit(cls, pipeline, tmp_path, "whole", 4, **kw)
-    fresh = lambda: {k: PerPromptStats(buffer_size=8, min_count=2) if k == "estimator" else v for k, v in kw.items()}
-    kw2 = fresh()  # a fresh estimator per run
-    first, first_metrics, _ = fit(cls, pipeline, tmp_path, "split", 2, **kw2)
+    first, first_metrics, _ = fit(cls, pipeline, tmp_path, "split", 2, **kwargs())
     ckpt = tmp_path / "split" / "ckpt" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain tensors, numbers, lists, dicts
     assert state[CHECKPOINT_KEY]["samples_seen"] == 8 and state["epoch"] == 1
-    kw3 = fresh()
-    resumed, resumed_metrics, _ = fit(cls, pipeline, tmp_path, "resumed", 4, ckpt_path=ckpt, **kw3)
+    assert state[CHECKPOINT_KEY]["skipped_iterations"] == 0 and state[CHECKPOINT_KEY]["consecutive_bad"] == 0
+    assert [e["label"] for e in state[CHECKPOINT_KEY]["eval_history"]] == ["base"]  # saved before the final one
+    resumed, resumed_metrics, _ = fit(cls, pipeline, tmp_path, "resumed", 4, ckpt_path=ckpt, **kwargs())
 
     assert len(whole_metrics) == 4 and len(resumed_metrics) == 2
     assert first_metrics + resumed_metrics == whole_metrics  # bit-exact: floats compared with ==
     assert_same_state(whole, resumed)
-    assert resumed.samples_seen == whole.samples_seen == 16
-    assert [e for e in resumed.eval_history if e["label"] == "base"] == \
-        [e for e in whole.eval_history if e["label"] == "base"]
-    assert resumed.eval_history[-1] == whole.eval_history[-1]  # the final evaluation, at iteration 4
-    assert len(resumed.eval_history) == len(whole.eval_history) == 2  # base not re-run on resume
+    assert resumed.history.samples_seen == whole.history.samples_seen == 16
+    # summary.json's final_train window (wall-clock timings aside)
+    assert untimed(resumed.history.recent) == untimed(whole.history.recent)
+    evaluations, whole_evaluations = resumed.history.evaluations, whole.history.evaluations
+    assert [e for e in evaluations if e["label"] == "base"] == [e for e in whole_evaluations if e["label"] == "base"]
+    assert evaluations[-1] == whole_evaluations[-1]  # the final evaluation, at iteration 4
+    assert evaluations[-1]["label"] == "final" and evaluations[-1]["iteration"] == 4
+    assert [(e["label"], e["iteration"]) for e in evaluations] == [("base", 0), ("final", 4)]  # base not re-run
     summaries = [json.loads((tmp_path / n / "version_0" / "summary.json").read_text()) for n in ("whole", "resumed")]
     for key in ("iterations", "samples_seen", "base", "final", "final_train", "eval_history"):
         assert summaries[0][key] == summaries[1][key], key
     if "critic_replay" in kw:  # the replay (2 iterations when saved) came back from the checkpoint
         assert len(state[CHECKPOINT_KEY]["critic_replay"]["entries"]) == 2
+        assert state[CHECKPOINT_KEY]["critic_replay"]["entries"][0]["features"][0].dtype == torch.bfloat16
         assert len(resumed.critic_replay.entries) == len(whole.critic_replay.entries) == 3
     if cls is DDPO:
         assert resumed.estimator.state_dict() == whole.estimator.state_dict()
@@ -117,8 +130,8 @@ def test_resuming_a_checkpoint_of_another_backbone_fails_clearly(toy_pipelines, 
 
     L.seed_everything(0)
     module = LatentActorCritic(backbone=UNetBackbone(str(toy_pipelines["unet"])),
-                               rewards=[CallableReward(noisy_brightness)], batch_size=4, eval_samples_per_prompt=1,
-                               eval_prompts=EVAL_PROMPTS)
+                               rewards=[CallableReward(noisy_brightness)], batch_size=4,
+                               evaluation=HeldOutEvaluation(samples_per_prompt=1, prompts=EVAL_PROMPTS))
     trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, accelerator="cpu",
                         enable_model_summary=False)
     with pytest.raises(CheckpointMismatchError,
@@ -127,10 +140,11 @@ def test_resuming_a_checkpoint_of_another_backbone_fails_clearly(toy_pipelines, 
 
 
 def test_a_replay_left_out_of_checkpoints_is_refilled(toy_pipelines, tmp_path):
-    """``checkpoint_critic_replay=False``: small checkpoints, and the resumed run starts an empty replay."""
-    kw = {"critic_epochs": 1, "critic_replay": 3, "checkpoint_critic_replay": False}
-    fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "split", 2, **kw)
+    """``CriticReplay(checkpoint=False)``: small checkpoints, and the resumed run starts an empty replay."""
+    replay = lambda: {"critic_replay": CriticReplay(iterations=3, passes=1, checkpoint=False)}  # noqa: E731
+    first, _, _ = fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "split", 2, **replay())
+    assert len(first.critic_replay.entries) == 2
     ckpt = tmp_path / "split" / "ckpt" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=True)[CHECKPOINT_KEY]["critic_replay"] is None
-    resumed, _, _ = fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "resumed", 3, ckpt_path=ckpt, **kw)
+    resumed, _, _ = fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "resumed", 3, ckpt_path=ckpt, **replay())
     assert len(resumed.critic_replay.entries) == 1

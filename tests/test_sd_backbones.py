@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_diffac.backbones import DiTBackbone, UNetBackbone
-from lit_diffac.backbones.base import PipelineNotFoundError
+from lit_diffac.errors import PipelineNotFoundError
 from lit_diffac.tiny_pipelines import T5_MAX_LENGTH
 
 PROMPTS = ["a photo of a cat", 'a red sign saying "hi" on the road', ""]
@@ -54,6 +54,20 @@ def test_without_t5_the_t5_folder_is_never_read(sd_pipelines, tmp_path):
     DiTBackbone(str(folder), use_t5=False)  # loads: only the needed sub-folders are read
     with pytest.raises(Exception):
         DiTBackbone(str(folder), use_t5=True)
+
+
+def test_component_loaders_read_each_layout(sd_pipelines):
+    from lit_diffac.backbones.loading import load_dit_components, load_unet_components
+
+    sd3 = load_dit_components(str(sd_pipelines["sd3"]), use_t5=False)
+    assert set(sd3.extra_text) == {"text_encoder_2", "tokenizer_2"} and sd3.vae is not None
+    assert set(load_dit_components(str(sd_pipelines["sd3"])).extra_text) == {
+        "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"}
+    backbone = DiTBackbone(sd3, max_sequence_length=T5_MAX_LENGTH)  # in-memory components: nothing loaded
+    assert backbone.is_sd3 and backbone.pretrained is None and not hasattr(backbone, "text_encoder_3")
+    sd15 = load_unet_components(str(sd_pipelines["sd15"]))
+    assert type(sd15.scheduler).__name__ == "DDIMScheduler" and not sd15.extra_text
+    assert UNetBackbone.from_components(sd15).vae_scaling_factor == 0.18215
 
 
 def test_sd3_prediction_is_the_transformer_call_of_the_pipeline(sd_pipelines):
@@ -250,12 +264,14 @@ def test_negative_prompt_is_the_unconditional_branch(sd_pipelines):
     backbone = DiTBackbone(str(sd_pipelines["sd3"]), max_sequence_length=T5_MAX_LENGTH)
     sampler = default_sampler(backbone, num_steps=2)
 
-    def run(**kw):
+    def run(negative_prompt="", **kw):
+        backbone.negative_prompt = negative_prompt
         return collect_rollout(backbone, sampler, PROMPTS[:2], generator=torch.Generator().manual_seed(0), **kw)
 
     plain, blurry = run(cfg_scale=3.0), run(cfg_scale=3.0, negative_prompt="blurry")
     assert (plain.latents[:, 1] - blurry.latents[:, 1]).abs().max() > 1e-4
     torch.testing.assert_close(run(negative_prompt="blurry").latents, run().latents)  # no CFG: no effect
+    assert DiTBackbone(str(sd_pipelines["sd3"]), negative_prompt="blurry").negative_prompt == "blurry"
     # the first step of the guided rollout is u + s (c − u) with u from the negative prompt
     x0, t = blurry.latents[:, 0], sampler.timestep_for(torch.zeros(2, dtype=torch.long))
     neg = backbone.encode_prompts(["blurry"] * 2)
@@ -281,7 +297,7 @@ def test_value_pretraining_refuses_a_critic_adapter_it_would_not_save(sd_pipelin
     backbone = DiTBackbone(str(sd_pipelines["sd3"]), lora_rank=2, critic_lora_rank=2)
     with pytest.raises(ValueError, match="saves only the value head, not a critic adapter"):
         ValuePretraining(backbone=backbone, rewards=[Brightness()], value_gradient="critic_lora",
-                         train_prompts=["a cat"], eval_prompts=["a dog"])
+                         train_prompts=["a cat"])
 
 
 def test_critic_lora_value_gradient_and_backbone_go_together(sd_pipelines):
@@ -291,20 +307,20 @@ def test_critic_lora_value_gradient_and_backbone_go_together(sd_pipelines):
     backbone = DiTBackbone(str(sd_pipelines["sd3"]), lora_rank=2)
     with pytest.raises(ValueError, match="critic_lora_rank > 0 go together"):
         LatentActorCritic(backbone=backbone, rewards=[Brightness()], value_gradient="critic_lora",
-                          train_prompts=["a cat"], eval_prompts=["a dog"])
+                          train_prompts=["a cat"])
 
 
 @pytest.mark.parametrize("name, local", [("stabilityai/stable-diffusion-3.5-medium", False),
                                          ("stable-diffusion-v1-5/stable-diffusion-v1-5", False)])
 def test_only_owner_slash_name_goes_to_the_hub(name, local):
-    from lit_diffac.backbones.base import locate_pipeline
+    from lit_diffac.backbones.loading import locate_pipeline
 
     assert locate_pipeline(name, ("unet",)) == (name, local)
 
 
 @pytest.mark.parametrize("name", ["weights/sd/v15", "./weights/sd15", "/models/sd15", "~/sd15"])
 def test_path_like_names_never_go_to_the_hub(name):
-    from lit_diffac.backbones.base import locate_pipeline
+    from lit_diffac.backbones.loading import locate_pipeline
 
     with pytest.raises(PipelineNotFoundError, match="no pipeline folder at"):
         locate_pipeline(name, ("unet",))

@@ -82,9 +82,10 @@ def _run(recipe: Path, tmp_path: Path, sd_pipelines, weights, url, extra: list[s
             f"--trainer.default_root_dir={tmp_path}",
             f"--model.init_args.backbone.init_args.pretrained={sd_pipelines[family]}",
             "--model.init_args.sampler.init_args.num_steps=2", "--model.init_args.batch_size=2",
-            "--model.init_args.minibatch_size=4", "--model.init_args.eval_samples_per_prompt=1",
+            "--model.init_args.minibatch_size=4", "--model.init_args.evaluation.init_args.samples_per_prompt=1",
             f"--model.init_args.train_prompts={RECIPES.parent / config['train_prompts']}",
-            f"--model.init_args.eval_prompts={RECIPES.parent / config['eval_prompts']}",
+            "--model.init_args.evaluation.init_args.prompts="
+            f"{RECIPES.parent / config['evaluation']['init_args']['prompts']}",
             f"--model.init_args.rewards={json.dumps(_tiny_rewards(recipe, weights, url))}"]
     if family == "sd3":
         args += ["--model.init_args.backbone.init_args.resolution=16",
@@ -103,11 +104,13 @@ def _run(recipe: Path, tmp_path: Path, sd_pipelines, weights, url, extra: list[s
 #: Per-recipe extra overrides, so the runs together cover float32 / bf16, CFG + negative prompt and the critic adapter.
 EXTRA = {
     "sd15/pickscore": ["--model.init_args.backbone.init_args.weights_dtype=float32",
-                       "--model.init_args.cfg_scale=2.0", "--model.init_args.negative_prompt=blurry, low quality"],
+                       "--model.init_args.cfg_scale=2.0",
+                       "--model.init_args.backbone.init_args.negative_prompt=blurry, low quality"],
     "sd15/aesthetic": ["--model.init_args.backbone.init_args.critic_lora_rank=2",
                        "--model.init_args.value_gradient=critic_lora"],
     "sd35/pickscore": ["--model.init_args.backbone.init_args.weights_dtype=float32",
-                       "--model.init_args.cfg_scale=3.0", "--model.init_args.negative_prompt=blurry"],
+                       "--model.init_args.cfg_scale=3.0",
+                       "--model.init_args.backbone.init_args.negative_prompt=blurry"],
     "sd35/ocr": ["--model.init_args.backbone.init_args.critic_lora_rank=2",
                  "--model.init_args.value_gradient=critic_lora",
                  "--model.init_args.backbone.init_args.use_t5=false"],
@@ -121,7 +124,7 @@ def test_sd_recipe_runs(recipe, tmp_path, monkeypatch, sd_pipelines, reward_weig
     extra = list(EXTRA.get(key, []))
     if key == "sd35/ocr":  # RapidOCR takes ~1.5 s an image on one CPU thread: evaluate on one held-out prompt
         (tmp_path / "one_prompt.txt").write_text('a wooden sign that says "Welcome Home"\n')
-        extra.append(f"--model.init_args.eval_prompts={tmp_path / 'one_prompt.txt'}")
+        extra.append(f"--model.init_args.evaluation.init_args.prompts={tmp_path / 'one_prompt.txt'}")
     summary = _run(recipe, tmp_path, sd_pipelines, reward_weights, geneval_server, extra)
     if not summary:  # value pretraining: the head file was checked
         return

@@ -15,8 +15,8 @@ def test_actor_critic_dit_improves_heldout_alignment(tmp_path, monkeypatch, caps
     """60 iterations (~1-2 min on 2 cores) already lift held-out alignment clearly above the base model."""
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(RECIPES / "actor_critic_dit.yaml"), "--trainer.max_epochs=60",
-                 "--trainer.enable_progress_bar=false", "--model.init_args.eval_every_n_iterations=0",
-                 "--model.init_args.eval_samples_per_prompt=10"]) == 0
+                 "--trainer.enable_progress_bar=false", "--model.init_args.evaluation.init_args.every_n_iterations=0",
+                 "--model.init_args.evaluation.init_args.samples_per_prompt=10"]) == 0
     path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: ")
     summary = json.loads(Path(path).read_text())
     base = summary["base"]["eval/digit_alignment_accuracy"]
@@ -83,4 +83,4 @@ def test_critic_replay_quick(capsys):
 
     assert critic_replay.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    assert "the main recipe: critic_epochs 2, critic_replay 32" in out and "Last-step / mean EV" in out
+    assert "the main recipe: CriticReplay iterations 32, passes 2" in out and "Last-step / mean EV" in out

@@ -1,11 +1,15 @@
-"""Value pretraining, in-line value warm-up, critic_init, and multi-reward value targets."""
+"""Value pretraining, starting a critic from it (``ValueHead(init_from=...)``), and multi-reward value targets."""
+
+from functools import partial
 
 import lightning as L
 import pytest
 import torch
 
+from lit_diffac.evaluation import HeldOutEvaluation
 from lit_diffac.modules import LatentActorCritic, MultiRewardActorCritic, ValuePretraining
 from lit_diffac.rewards.base import CallableReward
+from lit_diffac.value_heads import ValueHead
 
 
 def _bright(images, prompts, **_):
@@ -16,7 +20,10 @@ def _contrast(images, prompts, **_):
     return images.std(dim=(1, 2, 3))
 
 
-SMALL = dict(batch_size=4, minibatch_size=20, eval_samples_per_prompt=1, eval_prompts=["the digit 1"])
+def small(**kw):
+    """Tiny settings (a fresh evaluation component each time)."""
+    return dict(batch_size=4, minibatch_size=20,
+                evaluation=HeldOutEvaluation(samples_per_prompt=1, prompts=["the digit 1", "the number two"]), **kw)
 
 
 def _fit(module, epochs=2, tmp_path=None):
@@ -30,44 +37,44 @@ def _policy(module):
     return [p.detach().clone() for p in module.backbone.denoiser.parameters()]
 
 
-def test_value_pretraining_keeps_policy_bit_identical_and_saves_head(dit_backbone, tmp_path):
+def test_value_pretraining_keeps_policy_bit_identical_then_an_actor_critic_starts_from_its_head(
+        dit_backbone, toy_pipelines, tmp_path):
+    """The replacement of the in-line value warm-up: pretrain the critic with the policy frozen, then an
+    actor-critic whose ``ValueHead(init_from=...)`` is that head trains the policy."""
     module = ValuePretraining(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")],
-                              output_path=str(tmp_path / "head.safetensors"), **SMALL)
+                              output_path=str(tmp_path / "head.safetensors"), **small())
     before = _policy(module)
     head_before = [p.detach().clone() for p in module.value_head.parameters()]
     _fit(module, tmp_path=tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, _policy(module)))
     assert any(not torch.equal(a, b) for a, b in zip(head_before, module.value_head.parameters()))
+    assert module.last_metrics["train/actor_updated"] == 0.0
+    assert module.history.evaluations == []  # the policy does not change: no held-out evaluation
     assert (tmp_path / "head.safetensors").is_file()
-    # ... and an actor-critic starts from it
-    ac = LatentActorCritic(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")],
-                           critic_init=str(tmp_path / "head.safetensors"), **SMALL)
+    # ... and an actor-critic (a fresh run: ValuePretraining froze its backbone) starts from it, then trains the
+    # policy too
+    from lit_diffac.backbones import DiTBackbone
+
+    ac = LatentActorCritic(backbone=DiTBackbone(str(toy_pipelines["dit"])),
+                           rewards=[CallableReward(_bright, name="b")],
+                           value_head=partial(ValueHead, init_from=str(tmp_path / "head.safetensors")), **small())
     for a, b in zip(ac.value_head.state_dict().values(), module.value_head.state_dict().values()):
         assert torch.equal(a, b)
+    _fit(ac, epochs=1, tmp_path=tmp_path)
+    assert ac.last_metrics["train/actor_updated"] == 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, _policy(ac)))
 
 
-def test_critic_init_errors(dit_backbone, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no value-head file"):
+def test_init_from_errors(dit_backbone, tmp_path):
+    with pytest.raises(FileNotFoundError, match="init_from: no value-head file"):
         LatentActorCritic(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")],
-                          critic_init=str(tmp_path / "missing.safetensors"), **SMALL)
-    from lit_diffac.value_heads import ValueHead, save_value_head
+                          value_head=partial(ValueHead, init_from=str(tmp_path / "missing.safetensors")), **small())
+    from lit_diffac.value_heads import save_value_head
 
     save_value_head(ValueHead([8], text_dim=4), tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="does not fit"):
         LatentActorCritic(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")],
-                          critic_init=str(tmp_path / "other.safetensors"), **SMALL)
-
-
-def test_value_warmup_leaves_policy_untouched_then_trains_it(dit_backbone, tmp_path):
-    module = LatentActorCritic(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")],
-                               value_warmup_iters=2, **SMALL)
-    before = _policy(module)
-    _fit(module, epochs=2, tmp_path=tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(before, _policy(module)))
-    assert module.last_metrics["train/actor_updated"] == 0.0
-    module.trainer.fit_loop.max_epochs = 3
-    module.trainer.fit(module)
-    assert any(not torch.equal(a, b) for a, b in zip(before, _policy(module)))
+                          value_head=partial(ValueHead, init_from=str(tmp_path / "other.safetensors")), **small())
 
 
 def _targets(module, seed=0):
@@ -84,7 +91,7 @@ def _targets(module, seed=0):
 
 def test_per_reward_heads_receive_per_reward_targets(dit_backbone):
     rewards = [CallableReward(_bright, name="bright"), CallableReward(_contrast, name="contrast")]
-    module = MultiRewardActorCritic(backbone=dit_backbone, rewards=rewards, reward_weights=[1.0, 0.5], **SMALL)
+    module = MultiRewardActorCritic(backbone=dit_backbone, rewards=rewards, reward_weights=[1.0, 0.5], **small())
     assert module.num_values == 2
     r, normalized = _targets(module)
     est = module.estimator(normalized, r.values, r.prompts, module.reward_weights)
@@ -95,7 +102,7 @@ def test_per_reward_heads_receive_per_reward_targets(dit_backbone):
 def test_single_head_on_weighted_sum(dit_backbone, tmp_path):
     rewards = [CallableReward(_bright, name="bright"), CallableReward(_contrast, name="contrast")]
     module = MultiRewardActorCritic(backbone=dit_backbone, rewards=rewards, reward_weights=[1.0, 0.5],
-                                    value_per_reward=False, **SMALL)
+                                    value_per_reward=False, **small())
     assert module.num_values == 1 and module.value_head.num_outputs == 1
     _fit(module, epochs=1, tmp_path=tmp_path)
     assert {"reward/bright_mean", "reward/contrast_mean"} <= set(module.last_metrics)
@@ -103,4 +110,4 @@ def test_single_head_on_weighted_sum(dit_backbone, tmp_path):
 
 def test_multi_reward_needs_two_rewards(dit_backbone):
     with pytest.raises(ValueError, match="at least two rewards"):
-        MultiRewardActorCritic(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], **SMALL)
+        MultiRewardActorCritic(backbone=dit_backbone, rewards=[CallableReward(_bright, name="b")], **small())

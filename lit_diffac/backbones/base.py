@@ -10,138 +10,18 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import os
-import re
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from lit_diffac.errors import HubUnavailableError, PipelineNotFoundError
-
-#: Short names for the embedded toy models shipped inside the package.
-TOY_ALIASES = {"toy-unet": "toy-unet", "toy-dit": "toy-dit"}
-
-
-def resolve_pretrained(name_or_path: str) -> str:
-    """Map a toy alias (``"toy-unet"``, ``"toy-dit"``) to its folder; pass anything else through.
-
-    (Whether the rest is a folder or a hub id is :func:`locate_pipeline`'s business.)
-
-    Raises:
-        FileNotFoundError: for a toy alias whose weights are missing from the install.
-    """
-    if name_or_path in TOY_ALIASES:
-        folder = Path(__file__).resolve().parent.parent / "toy" / "assets" / TOY_ALIASES[name_or_path]
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"the embedded toy model {name_or_path!r} is missing at {folder}; rebuild it with "
-                f"`lit-diffac run recipes/toy/pretrain_{name_or_path.split('-')[1]}.yaml`"
-            )
-        return str(folder)
-    return name_or_path
-
-
-def hub_offline() -> bool:
-    """Whether the Hugging Face Hub is switched off (``HF_HUB_OFFLINE``, read now or at hub import)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def require_local_folder(path: str, subfolder: str) -> None:
-    """Clear error when a local pipeline folder lacks a component (hub ids are left to diffusers)."""
-    root = Path(path)
-    if root.exists() and not (root / subfolder).is_dir():
-        raise FileNotFoundError(f"{root} has no '{subfolder}/' folder: expected a diffusers pipeline layout")
-
-
-#: ``owner/name`` — what a Hugging Face hub id looks like (a local folder that exists always wins).
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def locate_pipeline(pretrained: str, subfolders: Sequence[str]) -> tuple[str, bool]:
-    """``(folder or hub id, is_local)`` for ``pretrained``: a toy alias, a local folder or a hub id.
-
-    The hub is used only for a name of the form ``owner/name`` that is not an existing local path.  A local
-    folder must hold every one of ``subfolders``.
-
-    Raises:
-        PipelineNotFoundError: for a path that does not exist (saying where to put the weights).
-        FileNotFoundError: for a local folder that lacks one of ``subfolders``.
-    """
-    path = resolve_pretrained(pretrained)
-    local = Path(path).expanduser()
-    if local.exists():
-        for sub in subfolders:
-            require_local_folder(str(local), sub)
-        return str(local), True
-    if HUB_ID.fullmatch(path) and not path.startswith((".", "/", "~")):
-        return path, False
-    raise PipelineNotFoundError(
-        f"no pipeline folder at {path!r}: put a diffusers pipeline there (sub-folders "
-        f"{', '.join(s + '/' for s in subfolders)}; see docs/from_toy_to_sd.md) or name a hub id such as "
-        f"'stable-diffusion-v1-5/stable-diffusion-v1-5'")
-
-
-def require_hub(path: str) -> None:
-    """Fail with one line, before any download is tried, when hub id ``path`` is named while the hub is offline."""
-    if hub_offline():
-        raise HubUnavailableError(
-            f"{path!r} is not a local folder and the Hugging Face Hub is offline (HF_HUB_OFFLINE=1): download it "
-            f"where the hub is reachable (`hf download {path} --local-dir DIR`) and pass DIR as `pretrained`")
-
-
-def load_component(cls: Any, path: str, subfolder: str, is_local: bool, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(path, subfolder=...)``; a hub failure becomes a one-line :class:`PipelineNotFoundError`.
-
-    Only this sub-folder is read (or downloaded), so unused components of a pipeline are never fetched.
-    """
-    if is_local:
-        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
-    require_hub(path)
-    try:
-        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
-    except Exception as err:  # noqa: BLE001 - hub/network errors come in many types; all mean "not available"
-        name = path.split("/")[-1]
-        raise PipelineNotFoundError(
-            f"cannot load '{subfolder}/' of hub id {path!r} ({type(err).__name__}; offline, gated or misspelt?): "
-            f"download it first, e.g. `hf download {path} --local-dir weights/{name}`, and pass "
-            f"pretrained: weights/{name}") from err
-
-
-def hub_has_subfolder(path: str, name: str, is_local: bool) -> bool:
-    """Whether the pipeline has component ``name`` (local: a folder; hub: an entry of ``model_index.json``)."""
-    if is_local:
-        return (Path(path) / name).is_dir()
-    from diffusers import DiffusionPipeline
-
-    require_hub(path)
-    try:
-        index = DiffusionPipeline.load_config(path)
-    except Exception as err:  # noqa: BLE001
-        raise PipelineNotFoundError(
-            f"cannot read model_index.json of hub id {path!r} ({type(err).__name__}; offline?): download the "
-            f"pipeline first (`hf download {path} --local-dir weights/{path.split('/')[-1]}`) and pass that folder"
-        ) from err
-    return name in index and index[name][0] is not None
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` → ``torch.bfloat16`` (``None`` stays ``None``)."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: use one of {sorted(DTYPES)}")
-    return DTYPES[name]
+# Loading lives in lit_diffac.backbones.loading; the names below stay importable from here too.
+from lit_diffac.backbones.loading import (HUB_ID, TOY_ALIASES, PipelineComponents,  # noqa: F401
+                                          hub_has_subfolder, hub_offline, load_component, locate_pipeline,
+                                          require_hub, require_local_folder, resolve_pretrained)
+from lit_diffac.dtypes import parse_dtype
+from lit_diffac.errors import HubUnavailableError, PipelineNotFoundError  # noqa: F401
 
 
 @dataclass
@@ -247,9 +127,11 @@ def to_unit_rgb(images: torch.Tensor) -> torch.Tensor:
 class DiffusionBackbone(nn.Module, abc.ABC):
     """Base class of UNet and DiT backbones.
 
-    Subclasses load their components and pass them to ``__init__``; they implement :meth:`_encode`,
+    The base ``__init__`` takes in-memory :class:`~lit_diffac.backbones.loading.PipelineComponents`; loading
+    them from a folder or hub id is :mod:`lit_diffac.backbones.loading`'s job.  A subclass's first argument,
+    ``pretrained``, is a pipeline name (loaded by its layout's loader) or such components (used as they are);
+    :meth:`from_components` is that second form spelt out.  Subclasses implement :meth:`_encode`,
     :meth:`_denoise`, :meth:`_vae_decode` and the three ``_tap_*`` hooks that name, select and size features.
-    :meth:`from_components` builds one from in-memory components (toy pretraining, tests).
 
     The text encoder(s) and VAE are frozen; ``denoiser`` is the policy network (whole, or a LoRA on it).
 
@@ -265,19 +147,20 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     * ``critic_lora_rank``: a separate critic adapter; see :meth:`forward`.
     * ``resolution``: image side in pixels (default: the denoiser's native ``sample_size``).
     * ``max_cached_prompts``: bound on the prompt-embedding cache (oldest entries are dropped).
+    * ``negative_prompt``: the unconditional branch's prompt under classifier-free guidance (``""``: plain CFG);
+      see :meth:`encode_negative`.
     """
 
     #: which sampler family fits this backbone: "ddim" or "flow".
     sampler_family: str = ""
 
-    def __init__(self, *, denoiser: nn.Module, scheduler, tokenizer, text_encoder: nn.Module,
-                 vae: nn.Module | None = None, feature_taps: Sequence = (), lora_rank: int = 0,
+    def __init__(self, components: PipelineComponents, *, feature_taps: Sequence = (), lora_rank: int = 0,
                  lora_alpha: float | None = None, lora_targets: Sequence[str] = (),
-                 extra_text: dict[str, Any] | None = None, weights_dtype: str = "float32",
+                 weights_dtype: str = "float32",
                  autocast_dtype: str | None = None, gradient_checkpointing: bool = False,
                  vae_decode_batch: int | None = None, critic_lora_rank: int = 0,
                  critic_lora_alpha: float | None = None, resolution: int | None = None,
-                 max_cached_prompts: int | None = None) -> None:
+                 max_cached_prompts: int | None = None, negative_prompt: str = "") -> None:
         super().__init__()
         from lit_diffac.backbones.lora import DEFAULT_TARGETS, apply_lora
 
@@ -287,12 +170,12 @@ class DiffusionBackbone(nn.Module, abc.ABC):
         _check_options(lora_rank=lora_rank, critic_lora_rank=critic_lora_rank, dtype=dtype,
                        vae_decode_batch=vae_decode_batch, resolution=resolution,
                        max_cached_prompts=max_cached_prompts)
-        self.denoiser = denoiser
-        self.scheduler = scheduler
-        self.tokenizer = tokenizer
-        self.text_encoder = _frozen(text_encoder, dtype)
-        self.vae = _frozen(vae, dtype) if vae is not None else None
-        for name, component in (extra_text or {}).items():  # e.g. SD3's text_encoder_2 / tokenizer_3
+        self.denoiser = components.denoiser
+        self.scheduler = components.scheduler
+        self.tokenizer = components.tokenizer
+        self.text_encoder = _frozen(components.text_encoder, dtype)
+        self.vae = _frozen(components.vae, dtype) if components.vae is not None else None
+        for name, component in components.extra_text.items():  # e.g. SD3's text_encoder_2 / tokenizer_3
             setattr(self, name, _frozen(component, dtype) if isinstance(component, nn.Module) else component)
         self.lora_rank, self.critic_lora_rank = lora_rank, critic_lora_rank
         targets = tuple(lora_targets) or DEFAULT_TARGETS
@@ -311,6 +194,7 @@ class DiffusionBackbone(nn.Module, abc.ABC):
         self.taps = FeatureTaps(self.denoiser, names, self._tap_select)
         self._feature_dims = [self._tap_dim(n) for n in names]
         self.max_cached_prompts = max_cached_prompts
+        self.negative_prompt = negative_prompt
         self._prompt_cache: dict[str, PromptEmbeds] = {}
         scale = self.vae_scale_factor
         if resolution is not None and resolution % scale:
@@ -318,12 +202,17 @@ class DiffusionBackbone(nn.Module, abc.ABC):
         self.latent_size = resolution // scale if resolution is not None else self.denoiser.config.sample_size
 
     @classmethod
-    def from_components(cls, **components) -> "DiffusionBackbone":
-        """Build from in-memory components (same keyword arguments as the base ``__init__``)."""
-        obj = cls.__new__(cls)
-        DiffusionBackbone.__init__(obj, **components)
-        obj.pretrained = None
-        return obj
+    def from_components(cls, components: PipelineComponents, **options: Any) -> "DiffusionBackbone":
+        """Build from in-memory components (toy pretraining, tests): plainly ``cls(components, **options)``.
+
+        Args:
+            components: the denoiser, scheduler, tokenizer, text encoder (and VAE, extra text components).
+            options: the subclass's other constructor arguments (``feature_taps``, ``lora_rank``, ...).
+
+        Returns:
+            a ``cls`` whose :attr:`pretrained` is ``None`` (nothing was loaded).
+        """
+        return cls(components, **options)
 
     @abc.abstractmethod
     def _tap_names(self, feature_taps: Sequence) -> list[str]:
@@ -341,6 +230,10 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     @abc.abstractmethod
     def _encode(self, prompts: list[str]) -> PromptEmbeds:
         """Encode prompts with the frozen text encoder(s)."""
+
+    def encode_negative(self, count: int) -> PromptEmbeds:
+        """``count`` copies of the encoded :attr:`negative_prompt` (the unconditional branch of CFG)."""
+        return self.encode_prompts([self.negative_prompt] * count)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
@@ -451,6 +344,15 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     def critic_parameters(self) -> list[nn.Parameter]:
         """The critic adapter's weights (empty without ``critic_lora_rank``); the critic optimiser updates them."""
         return [p for n, p in self.denoiser.named_parameters() if ".critic." in n]
+
+    @contextlib.contextmanager
+    def reference_policy(self):
+        """Within the block the denoiser is the base model (LoRA adapters disabled: the KL reference)."""
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
 
 
 @contextlib.contextmanager

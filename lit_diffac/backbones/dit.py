@@ -6,11 +6,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from lit_diffac.backbones.base import (DiffusionBackbone, PromptEmbeds, hub_has_subfolder, load_component,
-                                       locate_pipeline)
+from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
+from lit_diffac.backbones.loading import PipelineComponents, load_dit_components
 from lit_diffac.backbones.lora import DEFAULT_TARGETS
 
 
@@ -57,21 +55,25 @@ class DiTBackbone(DiffusionBackbone):
     projected pooled output, in pixel space (no ``vae/``).
 
     Args:
-        pretrained: a local folder, a hub id, or ``"toy-dit"``.
+        pretrained: a local folder, a hub id, or ``"toy-dit"`` (loaded by
+            :func:`~lit_diffac.backbones.loading.load_dit_components`); or in-memory
+            :class:`~lit_diffac.backbones.loading.PipelineComponents` in that layout, used as they are
+            (then :attr:`pretrained` is ``None`` and ``use_t5`` has no effect: T5 is used if the components
+            hold one).
         feature_taps: indices of transformer blocks whose image tokens feed the value head
             (SD3.5-M in the paper: 7, 15, 23 of 24).  Negative indices count from the end.
         lora_rank, lora_alpha, lora_targets: as :class:`~lit_diffac.backbones.unet.UNetBackbone`.
         use_t5: load and use ``text_encoder_3`` (T5) when the folder has one.
         max_sequence_length: T5 tokens (the pipeline's default: 256).
         weights_dtype, autocast_dtype, gradient_checkpointing, vae_decode_batch, critic_lora_rank,
-        critic_lora_alpha, resolution, max_cached_prompts: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
+        critic_lora_alpha, resolution, max_cached_prompts, negative_prompt: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
     """
 
     sampler_family = "flow"
 
     def __init__(
         self,
-        pretrained: str = "toy-dit",
+        pretrained: str | PipelineComponents = "toy-dit",
         feature_taps: Sequence[int] = (-1,),
         lora_rank: int = 0,
         lora_alpha: float | None = None,
@@ -86,33 +88,21 @@ class DiTBackbone(DiffusionBackbone):
         critic_lora_alpha: float | None = None,
         resolution: int | None = None,
         max_cached_prompts: int | None = None,
+        negative_prompt: str = "",
     ) -> None:
         if max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
-        path, local = locate_pipeline(pretrained, ("transformer", "scheduler", "text_encoder", "tokenizer"))
-        has = {name: hub_has_subfolder(path, name, local) for name in ("vae", "text_encoder_2", "text_encoder_3")}
-        extra = {}
-        if has["text_encoder_2"]:
-            extra["text_encoder_2"] = load_component(CLIPTextModelWithProjection, path, "text_encoder_2", local)
-            extra["tokenizer_2"] = load_component(CLIPTokenizer, path, "tokenizer_2", local)
-            if use_t5 and has["text_encoder_3"]:
-                from transformers import T5EncoderModel, T5TokenizerFast
-
-                extra["text_encoder_3"] = load_component(T5EncoderModel, path, "text_encoder_3", local)
-                extra["tokenizer_3"] = load_component(T5TokenizerFast, path, "tokenizer_3", local)
+        loaded = not isinstance(pretrained, PipelineComponents)
+        components = load_dit_components(pretrained, use_t5=use_t5) if loaded else pretrained
         super().__init__(
-            denoiser=load_component(SD3Transformer2DModel, path, "transformer", local),
-            scheduler=load_component(FlowMatchEulerDiscreteScheduler, path, "scheduler", local),
-            tokenizer=load_component(CLIPTokenizer, path, "tokenizer", local),
-            text_encoder=load_component(CLIPTextModelWithProjection, path, "text_encoder", local),
-            vae=load_component(AutoencoderKL, path, "vae", local) if has["vae"] else None,
-            feature_taps=feature_taps, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-            extra_text=extra, weights_dtype=weights_dtype, autocast_dtype=autocast_dtype,
+            components, feature_taps=feature_taps, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_targets=lora_targets, weights_dtype=weights_dtype, autocast_dtype=autocast_dtype,
             gradient_checkpointing=gradient_checkpointing, vae_decode_batch=vae_decode_batch,
             critic_lora_rank=critic_lora_rank, critic_lora_alpha=critic_lora_alpha, resolution=resolution,
-            max_cached_prompts=max_cached_prompts,
+            max_cached_prompts=max_cached_prompts, negative_prompt=negative_prompt,
         )
-        self.pretrained = pretrained
+        #: the pipeline name this was loaded from (``None`` when built from in-memory components).
+        self.pretrained = pretrained if loaded else None
         self.use_t5 = use_t5
         self.max_sequence_length = max_sequence_length
 

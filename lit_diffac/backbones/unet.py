@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import UNet2DConditionModel
 
-from lit_diffac.backbones.base import (DiffusionBackbone, PromptEmbeds, hub_has_subfolder, load_component,
-                                       locate_pipeline)
+from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
+from lit_diffac.backbones.loading import PipelineComponents, load_unet_components
 from lit_diffac.backbones.lora import DEFAULT_TARGETS
 
 
@@ -29,7 +28,10 @@ class UNetBackbone(DiffusionBackbone):
     ``pretrained`` is a hub id (``owner/name``) that is not a local folder.
 
     Args:
-        pretrained: a local folder, a hub id, or ``"toy-unet"``.
+        pretrained: a local folder, a hub id, or ``"toy-unet"`` (loaded by
+            :func:`~lit_diffac.backbones.loading.load_unet_components`); or in-memory
+            :class:`~lit_diffac.backbones.loading.PipelineComponents` in that layout, used as they are (then
+            :attr:`pretrained` is ``None``).
         feature_taps: names of UNet blocks whose outputs feed the value head: ``"down_blocks.i"``,
             ``"mid_block"``, ``"up_blocks.i"`` (SD1.5: e.g. ``down_blocks.2``, ``mid_block``, ``up_blocks.1``).
         lora_rank: 0 trains the whole UNet (fine for toy models); >0 adds a peft LoRA policy.
@@ -37,14 +39,14 @@ class UNetBackbone(DiffusionBackbone):
         lora_targets: module names LoRA adapts.
         vae_scaling_factor: overrides the VAE config's latent scaling (SD1.5: 0.18215).
         weights_dtype, autocast_dtype, gradient_checkpointing, vae_decode_batch, critic_lora_rank,
-        critic_lora_alpha, resolution, max_cached_prompts: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
+        critic_lora_alpha, resolution, max_cached_prompts, negative_prompt: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
     """
 
     sampler_family = "ddim"
 
     def __init__(
         self,
-        pretrained: str = "toy-unet",
+        pretrained: str | PipelineComponents = "toy-unet",
         feature_taps: Sequence[str] = ("mid_block", "up_blocks.0"),
         lora_rank: int = 0,
         lora_alpha: float | None = None,
@@ -58,23 +60,21 @@ class UNetBackbone(DiffusionBackbone):
         critic_lora_alpha: float | None = None,
         resolution: int | None = None,
         max_cached_prompts: int | None = None,
+        negative_prompt: str = "",
     ) -> None:
-        path, local = locate_pipeline(pretrained, ("unet", "scheduler", "text_encoder", "tokenizer"))
-        vae = load_component(AutoencoderKL, path, "vae", local) if hub_has_subfolder(path, "vae", local) else None
+        loaded = not isinstance(pretrained, PipelineComponents)
+        components = load_unet_components(pretrained) if loaded else pretrained
         super().__init__(
-            denoiser=load_component(UNet2DConditionModel, path, "unet", local),
-            scheduler=load_component(DDIMScheduler, path, "scheduler", local),
-            tokenizer=load_component(CLIPTokenizer, path, "tokenizer", local),
-            text_encoder=load_component(CLIPTextModel, path, "text_encoder", local),
-            vae=vae, feature_taps=feature_taps, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            components, feature_taps=feature_taps, lora_rank=lora_rank, lora_alpha=lora_alpha,
             lora_targets=lora_targets, weights_dtype=weights_dtype, autocast_dtype=autocast_dtype,
             gradient_checkpointing=gradient_checkpointing, vae_decode_batch=vae_decode_batch,
             critic_lora_rank=critic_lora_rank, critic_lora_alpha=critic_lora_alpha, resolution=resolution,
-            max_cached_prompts=max_cached_prompts,
+            max_cached_prompts=max_cached_prompts, negative_prompt=negative_prompt,
         )
-        self.pretrained = pretrained
-        if vae is not None:
-            self.vae_scaling_factor = vae_scaling_factor or vae.config.scaling_factor
+        #: the pipeline name this was loaded from (``None`` when built from in-memory components).
+        self.pretrained = pretrained if loaded else None
+        if self.vae is not None:
+            self.vae_scaling_factor = vae_scaling_factor or self.vae.config.scaling_factor
 
     def _tap_names(self, feature_taps: Sequence[str]) -> list[str]:
         return list(feature_taps)

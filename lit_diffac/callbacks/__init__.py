@@ -1,8 +1,7 @@
 """Monitoring callbacks for the RL modules, configurable from recipes (``trainer.callbacks``).
 
-* :class:`HeldOutEvaluation` — fixed held-out prompts and seeds, CFG off: every reward's mean, accuracies,
-  a diversity measure that catches collapse, and torchmetrics' CLIP score when a CLIP folder is given;
-  logged under ``eval/…``.
+(The held-out evaluation is the modules' own ``evaluation`` component: :class:`lit_diffac.evaluation.HeldOutEvaluation`.)
+
 * :class:`SampleGrid` — the same prompts and seeds every time, drawn as an image grid with each prompt and
   its reward written under the image, to TensorBoard (``add_image``) and optionally PNG files.
 * :class:`RLProgressBar` — one tqdm bar over all RL iterations with reward, approx. KL and explained variance.
@@ -11,17 +10,13 @@ Recipe fragment::
 
     trainer:
       callbacks:
-        - class_path: lit_diffac.callbacks.HeldOutEvaluation
-          init_args: {every_n_steps: 50}
         - class_path: lit_diffac.callbacks.SampleGrid
           init_args: {every_n_steps: 50, num_prompts: 8}
         - class_path: lit_diffac.callbacks.RLProgressBar
 """
 
-from lit_diffac.callbacks.evaluation import HeldOutEvaluation, mean_pairwise_distance
 from lit_diffac.callbacks.periodic import PeriodicCallback
 from lit_diffac.callbacks.progress import RLProgressBar
 from lit_diffac.callbacks.sample_grid import SampleGrid, annotate_grid
 
-__all__ = ["HeldOutEvaluation", "PeriodicCallback", "RLProgressBar", "SampleGrid", "annotate_grid",
-           "mean_pairwise_distance"]
+__all__ = ["PeriodicCallback", "RLProgressBar", "SampleGrid", "annotate_grid"]

@@ -89,12 +89,12 @@ class SampleGrid(PeriodicCallback):
 
     Args:
         every_n_steps: period in RL iterations (0: only ``at_start`` / ``at_end``).
-        prompts: prompt source (default: ``num_prompts`` of the module's ``eval_prompts``, evenly spaced).
+        prompts: prompt source (default: ``num_prompts`` of the module's held-out evaluation prompts, evenly spaced).
         num_prompts: how many default prompts to take.
         samples_per_prompt: samples of each prompt (one row-major run of tiles each).
         seed: seed of the noise (the same every time).
         rewards: names of the rewards written under each image, one line each (default: the module's
-            training rewards; ``[]``: only the prompt).  The module's ``eval_rewards`` may be named too.
+            training rewards; ``[]``: only the prompt).  The module's evaluation-only rewards may be named too.
         columns: tiles per row.
         min_tile: tiles are upscaled to at least this many pixels wide.
         tag: TensorBoard tag.
@@ -130,9 +130,11 @@ class SampleGrid(PeriodicCallback):
         """The grid's prompts: the configured ones, or ``num_prompts`` evenly spaced held-out prompts."""
         if self.prompts is not None:
             return self.prompts
-        pool = list(getattr(pl_module, "eval_prompt_list", []))
+        evaluation = getattr(pl_module, "evaluation", None)
+        pool = list(evaluation.prompts) if evaluation is not None else []
         if not pool:
-            raise ValueError("SampleGrid: no prompts (set its `prompts`, or use a module with eval_prompts)")
+            raise ValueError("SampleGrid: no prompts (set its `prompts`, or use an RL module, whose held-out "
+                             "evaluation prompts it then draws)")
         count = min(self.num_prompts, len(pool))
         return [pool[i * len(pool) // count] for i in range(count)]
 
@@ -140,7 +142,9 @@ class SampleGrid(PeriodicCallback):
         """The rewards written under each image."""
         if self.rewards is None:
             return list(getattr(pl_module, "rewards", []))
-        available = {r.name: r for r in [*getattr(pl_module, "rewards", []), *getattr(pl_module, "eval_rewards", [])]}
+        evaluation = getattr(pl_module, "evaluation", None)
+        extra = evaluation.rewards if evaluation is not None else []
+        available = {r.name: r for r in [*getattr(pl_module, "rewards", []), *extra]}
         unknown = [name for name in self.rewards if name not in available]
         if unknown:
             raise ValueError(f"SampleGrid: rewards {unknown} are not among the module's rewards {sorted(available)}")

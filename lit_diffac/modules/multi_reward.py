@@ -12,7 +12,12 @@ from lit_diffac.modules.actor_critic import LatentActorCritic
 
 
 class MultiRewardActorCritic(LatentActorCritic):
-    """:class:`LatentActorCritic` with two or more weighted rewards (same arguments).
+    """:class:`LatentActorCritic` with two or more weighted rewards.
+
+    Args:
+        value_per_reward: one value output per reward (default); ``False`` fits a single output on the
+            weighted sum of the standardised rewards (the ablation of DESIGN §5).
+        (all other arguments: :class:`LatentActorCritic`)
 
     Example recipe fragment::
 
@@ -23,8 +28,13 @@ class MultiRewardActorCritic(LatentActorCritic):
         value_per_reward: true
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, value_per_reward: bool = True, **kwargs) -> None:
+        self.value_per_reward = value_per_reward  # read by num_value_outputs() inside super().__init__
         super().__init__(*args, **kwargs)
         if len(self.rewards) < 2:
             raise ValueError(f"MultiRewardActorCritic needs at least two rewards, got {self.reward_names}; "
                              "use LatentActorCritic for a single reward")
+
+    def num_value_outputs(self) -> int:
+        """One value output per reward, or one for the weighted reward sum (``value_per_reward=False``)."""
+        return len(self.rewards) if self.value_per_reward else 1

@@ -101,7 +101,7 @@ class ToyBasePretraining(L.LightningModule):
             self._evaluate()
 
     def _evaluate(self) -> dict:
-        from lit_diffac.evaluation import evaluate_toy_alignment
+        from lit_diffac.toy.evaluation import evaluate_toy_alignment
 
         self.backbone.clear_prompt_cache()
         metrics = evaluate_toy_alignment(self.backbone, samples_per_prompt=self.hparams.eval_samples_per_prompt,

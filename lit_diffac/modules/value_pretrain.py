@@ -9,13 +9,11 @@ help and much longer pretraining hurts.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-
-import torch
 
 from lit_diffac.estimators import CriticGAE
 from lit_diffac.modules.actor_critic import LatentActorCritic
+from lit_diffac.ppo import build_optimizer
 from lit_diffac.value_heads.io import save_value_head
 
 
@@ -30,11 +28,10 @@ class ValuePretraining(LatentActorCritic):
 
     def __init__(self, *args, output_path: str = "runs/value_head.safetensors", **kwargs) -> None:
         kwargs.setdefault("estimator", CriticGAE(gamma=1.0, lam=1.0))
-        kwargs.setdefault("eval_every_n_iterations", 0)
         super().__init__(*args, **kwargs)
         if self.value_head is None:
             raise ValueError("ValuePretraining needs an estimator with a critic (e.g. CriticGAE)")
-        if getattr(self.backbone, "critic_lora_rank", 0):
+        if self.backbone.critic_lora_rank:
             raise ValueError("ValuePretraining saves only the value head, not a critic adapter: pretrain with "
                              "critic_lora_rank: 0 (and value_gradient: detached)")
         self.output_path = output_path
@@ -43,22 +40,22 @@ class ValuePretraining(LatentActorCritic):
     def trains_actor(self) -> bool:
         return False
 
+    def build_optimizers(self):
+        return None, build_optimizer(self.optimizer_factory, list(self.value_head.parameters()), self.hparams.critic_lr)
+
     def configure_optimizers(self):
-        hp = self.hparams
-        return torch.optim.AdamW(self.value_head.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas),
-                                 weight_decay=hp.weight_decay)
+        return self.build_optimizers()[1]
 
     def actor_critic_optimizers(self):
         return None, self.optimizers()
 
     def on_fit_start(self) -> None:  # the policy does not change: no held-out evaluation needed
-        self._fit_started = time.perf_counter()
+        self.history.start()
         self.sampler.to(self.device)
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             path = save_value_head(self.value_head, self.output_path, iterations=self.current_epoch,
-                                   rewards=self.reward_names, backbone=getattr(self.backbone, "pretrained", None))
+                                   rewards=self.reward_names, backbone=self.backbone.pretrained)
             self.print(f"saved value head to {Path(path).resolve()}")
-            if self.logger is not None and self.trainer.log_dir is not None:
-                self.write_summary(Path(self.trainer.log_dir) / "summary.json")
+        self.write_summary()

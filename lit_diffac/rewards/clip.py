@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from lit_diffac.dtypes import parse_dtype
 from lit_diffac.rewards.base import Reward
 
 __all__ = [
@@ -50,13 +51,6 @@ __all__ = [
 #: Normalisation constants of OpenAI CLIP (also used by OpenCLIP's ViT-H-14, BLIP and ImageReward).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
 
 # --------------------------------------------------------------------------------------------- weights
 
@@ -99,16 +93,6 @@ def check_weights(path: str | Path | None, *, what: str, get: str, kind: Literal
             state = "is a folder, not a file" if p.is_dir() else "does not exist"
             raise WeightsNotFoundError(f"{what} not found: file '{p}' {state}. {get}")
     return p
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32"`` / ``"float16"`` / ``"bfloat16"`` (or fp32 / fp16 / bf16, or a torch dtype) → dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16") from None
 
 
 def load_tokenizer(folder: str | Path, *, what: str, get: str) -> Any:

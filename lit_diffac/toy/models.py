@@ -23,6 +23,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lit_diffac.backbones.base import DiffusionBackbone
 from lit_diffac.backbones.dit import DiTBackbone
+from lit_diffac.backbones.loading import PipelineComponents
 from lit_diffac.backbones.unet import UNetBackbone
 from lit_diffac.toy.text import text_config, write_tokenizer
 
@@ -61,19 +62,25 @@ def toy_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def build_toy_backbone(family: Family, feature_taps=None) -> DiffusionBackbone:
-    """A freshly initialised toy backbone (random weights; seed with ``torch.manual_seed`` first)."""
+    """A freshly initialised toy backbone (random weights; seed with ``torch.manual_seed`` first).
+
+    Returns:
+        a :class:`UNetBackbone` (``family="unet"``, tapping ``mid_block`` by default) or a
+        :class:`DiTBackbone` (``"dit"``, tapping the last block), built from in-memory components (its
+        ``pretrained`` is ``None``).
+    """
+    if family not in ("unet", "dit"):
+        raise ValueError(f"family must be 'unet' or 'dit', got {family!r}")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_tokenizer(tmp)
     config = text_config(tokenizer, hidden_size=TEXT_DIM)
     if family == "unet":
-        return UNetBackbone.from_components(
-            denoiser=toy_unet(), scheduler=toy_ddim_scheduler(), tokenizer=tokenizer,
-            text_encoder=CLIPTextModel(config), feature_taps=feature_taps or ("mid_block",))
-    if family == "dit":
-        return DiTBackbone.from_components(
-            denoiser=toy_dit(), scheduler=toy_flow_scheduler(), tokenizer=tokenizer,
-            text_encoder=CLIPTextModelWithProjection(config), feature_taps=feature_taps or (-1,))
-    raise ValueError(f"family must be 'unet' or 'dit', got {family!r}")
+        components = PipelineComponents(denoiser=toy_unet(), scheduler=toy_ddim_scheduler(),
+                                        tokenizer=tokenizer, text_encoder=CLIPTextModel(config))
+        return UNetBackbone.from_components(components, feature_taps=feature_taps or ("mid_block",))
+    components = PipelineComponents(denoiser=toy_dit(), scheduler=toy_flow_scheduler(), tokenizer=tokenizer,
+                                    text_encoder=CLIPTextModelWithProjection(config))
+    return DiTBackbone.from_components(components, feature_taps=feature_taps or (-1,))
 
 
 def save_pipeline(backbone: DiffusionBackbone, folder: str | Path, provenance: dict | None = None) -> Path:

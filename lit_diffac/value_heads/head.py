@@ -118,6 +118,9 @@ class ValueHead(nn.Module):
         timestep_conditioning: condition on the diffusion time (turn off only for the ablation).
         text_conditioning: add the pooled prompt embedding to the condition.
         detach_features: stop value gradients at the backbone features (default; DESIGN §5).
+        init_from: a value-head file written by :class:`~lit_diffac.modules.ValuePretraining` (or
+            :func:`~lit_diffac.value_heads.save_value_head`) to start from; it must match this head's taps,
+            width and number of outputs.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class ValueHead(nn.Module):
         timestep_conditioning: bool = True,
         text_conditioning: bool = True,
         detach_features: bool = True,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if not feature_dims:
@@ -150,6 +154,10 @@ class ValueHead(nn.Module):
         self.text_proj = nn.Linear(text_dim, dim)
         self.branches = nn.ModuleList(ValueBranch(c, dim, dim, num_heads, num_queries, token_layers) for c in feature_dims)
         self.out = nn.Sequential(nn.Linear(dim * num_queries * len(feature_dims), hidden), nn.SiLU(), nn.Linear(hidden, num_outputs))
+        if init_from is not None:
+            from lit_diffac.value_heads.io import load_value_head
+
+            load_value_head(self, init_from)
 
     def condition(self, t_frac: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """The AdaLN conditioning vector ``[B, dim]``."""

@@ -29,7 +29,7 @@ def load_value_head(head: nn.Module, path: str | Path) -> nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"critic_init: no value-head file at {path} (write one with a ValuePretraining "
+        raise FileNotFoundError(f"init_from: no value-head file at {path} (write one with a ValuePretraining "
                                 "recipe, e.g. recipes/toy/value_pretrain_dit.yaml)")
     state = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
@@ -37,7 +37,7 @@ def load_value_head(head: nn.Module, path: str | Path) -> nn.Module:
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"critic_init {path} (a {saved_class}) does not fit this value head "
+        raise ValueError(f"init_from {path} (a {saved_class}) does not fit this value head "
                          f"({type(head).__name__}): different feature taps, width or number of rewards?\n{err}") \
             from None
     return head

@@ -1,0 +1,159 @@
+"""The PPO update over (sample, step) pairs, as pure functions (torchrl style: terms returned by name).
+
+:func:`shuffled_pairs` decides which (trajectory, step) pairs an inner epoch trains on and in what order;
+:func:`minibatch_loss` combines the clipped policy loss, the value loss and the optional KL to the reference
+into the loss of one minibatch; :func:`clip_and_step` clips and applies the gradients of explicit optimisers.
+:class:`~lit_diffac.modules.LatentActorCritic` strings them together; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from lit_diffac.losses import PolicyLossOutput, ValueLossOutput, explained_variance, ppo_policy_loss, value_loss
+
+
+def shuffled_pairs(batch: int, num_steps: int, timestep_fraction: float, generator: torch.Generator,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """The ``(i, k)`` pairs of one inner epoch, ``[batch · ⌈fraction · K⌉, 2]``, in training order.
+
+    Each trajectory keeps a random subset of ``⌈fraction · K⌉`` steps (all of them at fraction 1; DDPO's
+    timestep fraction); the kept pairs of all trajectories are then shuffled together.
+    """
+    kept = max(1, math.ceil(timestep_fraction * num_steps))
+    order = torch.argsort(torch.rand(batch, num_steps, generator=generator, device=device), dim=1)
+    pairs = torch.stack(torch.meshgrid(torch.arange(batch, device=device), torch.arange(num_steps, device=device),
+                                       indexing="ij"), -1)
+    pairs = torch.gather(pairs, 1, order[..., None].expand(-1, -1, 2))[:, :kept].reshape(-1, 2)
+    return pairs[torch.randperm(len(pairs), generator=generator, device=device)]
+
+
+@dataclass
+class MinibatchTerms:
+    """The loss of one PPO minibatch and its parts.
+
+    Attributes:
+        loss: what is backpropagated: ``L_π (if the actor trains) + β · mean KL + L_V (if there is a critic)``.
+        policy: the clipped-surrogate loss and its diagnostics (always computed, for logging).
+        value: the value loss, or ``None`` without a critic.
+        kl: ``[M]`` per-sample KL to the reference policy, or ``None`` without one.
+    """
+
+    loss: torch.Tensor
+    policy: PolicyLossOutput
+    value: ValueLossOutput | None
+    kl: torch.Tensor | None
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """The minibatch's ``train/…`` diagnostics (0-d tensors)."""
+        p = self.policy
+        out = {"train/policy_loss": p.loss, "train/approx_kl": p.approx_kl, "train/clipfrac": p.clipfrac,
+               "train/ratio_mean": p.ratio_mean, "train/ratio_min": p.ratio_min, "train/ratio_max": p.ratio_max}
+        if self.value is not None:
+            out.update({"train/value_loss": self.value.loss, "train/value_clipfrac": self.value.clipfrac})
+        if self.kl is not None:
+            out["train/kl_to_reference"] = self.kl.mean()
+        return out
+
+
+def minibatch_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+                   values: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                   old_values: torch.Tensor | None = None, value_clip_range: float | None = None,
+                   kl: torch.Tensor | None = None, kl_coef: float = 0.0, train_actor: bool = True) -> MinibatchTerms:
+    r"""One minibatch's PPO loss.
+
+    .. math:: L = [\text{train\_actor}]\,L_π(ρ, A; ε) + β\,\operatorname{mean} KL + L_V(V, G; V_{old}, c)
+
+    Args:
+        log_prob: ``[M]`` ``log π_new`` of the pairs (carries gradient).
+        old_log_prob: ``[M]`` the rollout's ``log π_old``.
+        advantages: ``[M]`` the estimator's advantages of the same pairs.
+        clip_range: PPO ratio clip ε.
+        values: ``[M, R]`` the critic's ``V`` of the pairs (carries gradient), or ``None`` without a critic.
+        targets: ``[M, R]`` value targets ``G`` (needed with ``values``).
+        old_values: ``[M, R]`` the rollout's ``V_old`` (the centre of the value clip).
+        value_clip_range: clip of ``V`` around ``V_old`` (``None``: plain squared error).
+        kl: ``[M]`` per-sample KL to the reference policy (carries gradient), or ``None``.
+        kl_coef: β.
+        train_actor: whether the policy loss enters the total (``False``: value-only iterations).
+    """
+    policy = ppo_policy_loss(log_prob, old_log_prob, advantages, clip_range)
+    loss = policy.loss if train_actor else torch.zeros((), device=log_prob.device)
+    if kl is not None:
+        loss = loss + kl_coef * kl.mean()
+    value = None
+    if values is not None:
+        value = value_loss(values, targets, old_values, value_clip_range)
+        loss = loss + value.loss
+    return MinibatchTerms(loss=loss, policy=policy, value=value, kl=kl)
+
+
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
+    """Clip the gradients of ``params`` in place (if ``max_norm``); return their total norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")))
+
+
+def clip_and_step(groups: Iterable[tuple[str, torch.optim.Optimizer | None, list[nn.Parameter]]],
+                  max_grad_norm: float | None, check: Callable[[float, str], None]) -> dict[str, float]:
+    """Clip each group's gradients, check every norm, then step each optimiser.
+
+    Args:
+        groups: ``(name, optimizer, parameters)``; a ``None`` optimiser skips its group (frozen policy).
+        max_grad_norm: per-group clip (``None``: off).
+        check: ``check(norm, name)`` raises when a norm is not finite (before any optimiser steps).
+
+    Returns:
+        ``{"train/<name>_grad_norm": norm before clipping}``.
+    """
+    groups = [g for g in groups if g[1] is not None]
+    norms = {f"train/{name}_grad_norm": clip_gradients(params, max_grad_norm) for name, _, params in groups}
+    for key, norm in norms.items():
+        check(norm, key.split("/")[1])
+    for _, optimizer, _ in groups:
+        optimizer.step()
+    return norms
+
+
+def value_diagnostics(values: torch.Tensor, targets: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Explained variance of the rollout's values, overall, per reward and per third of the chain."""
+    out = {"train/explained_variance": explained_variance(values, targets).item()}
+    num_steps = values.shape[1]
+    thirds = {"early": slice(0, max(1, num_steps // 3)), "middle": slice(num_steps // 3, 2 * num_steps // 3),
+              "late": slice(2 * num_steps // 3, num_steps)}
+    for bucket, sl in thirds.items():
+        if values[:, sl].numel():
+            out[f"train/explained_variance_{bucket}"] = explained_variance(values[:, sl], targets[:, sl]).item()
+    if values.shape[-1] > 1:  # one value output per reward
+        for j, name in enumerate(names):
+            out[f"train/explained_variance/{name}"] = explained_variance(values[..., j], targets[..., j]).item()
+    return out
+
+
+def reward_statistics(rewards: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """``reward/<name>_mean`` and ``reward/<name>_std`` (population) of ``rewards [B, R]``, one column per name."""
+    out = {}
+    for j, name in enumerate(names):
+        out[f"reward/{name}_mean"] = rewards[:, j].mean().item()
+        out[f"reward/{name}_std"] = rewards[:, j].std(unbiased=False).item()
+    return out
+
+
+def build_optimizer(factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
+                    params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """``factory(params)`` at learning rate ``lr`` (its own ``lr`` is replaced); ``None``: AdamW with betas
+    (0.9, 0.95) and weight decay 1e-4 (DESIGN §6)."""
+    if factory is None:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
+    optimizer = factory(params)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.defaults["lr"] = lr
+    return optimizer
