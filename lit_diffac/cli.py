@@ -182,12 +182,23 @@ class LitDiffacCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]):
         """``--trainer.enable_progress_bar=false`` also drops a progress bar the recipe lists in
-        ``trainer.callbacks`` (Lightning would refuse the combination)."""
+        ``trainer.callbacks`` (Lightning would refuse the combination).
+
+        Every checkpoint the trainer reads is weights-only and checked (``--ckpt_path`` files and URLs, also for
+        ``validate``/``test``), and every one it writes carries tensor checksums: a
+        :class:`~lit_diffac.checkpoints.SafeCheckpointIO` is added unless the recipe names its own
+        ``CheckpointIO``, and the strategy's ``load_checkpoint`` always passes ``weights_only=True``."""
+        from lit_diffac.checkpoints import guard_strategy, safe_checkpoint_plugins
+
         if config.get("enable_progress_bar") is False and isinstance(config.get("callbacks"), list):
             from lightning.pytorch.callbacks import ProgressBar
 
             config["callbacks"] = [c for c in config["callbacks"] if not isinstance(c, ProgressBar)]
-        return super()._instantiate_trainer(config, callbacks)
+        config["plugins"] = safe_checkpoint_plugins(config.get("plugins"), config.get("strategy"),
+                                                    config.get("accelerator"))
+        trainer = super()._instantiate_trainer(config, callbacks)
+        guard_strategy(trainer.strategy)
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``vars``: free recipe variables for ``${vars.name}`` interpolation (used by no class)."""
@@ -237,6 +248,32 @@ class LitDiffacCLI(LightningCLI):
             where += f" in {', '.join(configs)}" if configs else ""
             reason = str(getattr(err, "msg", err)).splitlines()[0]
             parser.error(f"cannot resolve an interpolation{where}: {reason}")
+
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path``'s hyperparameters as ``LightningCLI`` does, but through
+        :func:`lit_diffac.checkpoints.load_checkpoint` (weights-only, memory-mapped; a truncated, unreadable or
+        non-weights-only file is one ``error:`` line before anything is built).  Its checksums are checked when
+        the ``Trainer`` loads it."""
+        from lit_diffac.checkpoints import load_checkpoint
+
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = load_checkpoint(ckpt_path, verify=False, mmap=True)
+        hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+        del checkpoint
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def before_fit(self) -> None:
         """``--ckpt_path last``: continue the newest ``version_<n>`` of this run (its ``last.ckpt``, its logs)."""
@@ -340,15 +377,19 @@ def main(args: list[str] | None = None) -> int:
         errors, as argparse does; an extra command's own status otherwise), and ``--help`` of a
         subcommand raises ``SystemExit(0)``, so ``python -m lit_diffac`` exits correctly too.
     """
+    from lit_diffac.cli_errors import user_error_message  # noqa: PLC0415 - the one error-formatting module
+
     argv = list(sys.argv[1:] if args is None else args)
     try:
         return _dispatch(argv)
     except Exception as err:
-        user_error = find_user_error(err)
-        if user_error is None:
+        # A LitDiffacError anywhere in the chain, or a lit_diffac constructor's own ValueError while the
+        # recipe's objects were built (e.g. an out-of-range argument): one line, not a traceback.
+        message = user_error_message(err)
+        if message is None:
             raise
         sys.stderr.flush()
-        sys.stderr.write(f"error: {user_error}\n")
+        sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2) from None
 
 

@@ -6,7 +6,10 @@ jsonargparse to the tested minor (each message form has a test in tests/test_err
 
 :func:`format_parser_error` turns a parser error into e.g. ``unknown key 'model.init_args.lrr' in recipe.yaml
 (did you mean 'model.init_args.lr'?)``; :func:`missing_file_cause` finds the "file not found" message behind a
-component that failed to build; :class:`RecipeArgumentParser` prints that one line instead of the usage.
+component that failed to build; :func:`user_error_message` finds the one-line message of an error a user can
+fix (a :class:`~lit_diffac.errors.LitDiffacError`, or a ``ValueError`` that a lit_diffac constructor raised
+while the recipe's objects were built); :class:`RecipeArgumentParser` prints that one line instead of the
+usage.
 """
 
 from __future__ import annotations
@@ -16,14 +19,21 @@ import importlib
 import inspect
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 
+from lit_diffac.errors import find_user_error
 
-_NOISE = re.compile(r"^(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Given value )")
+
+_NOISE = re.compile(r"^(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Given value "
+                    r"|Subclass types expect one of:|a class path \(str\)$"
+                    r"|a dict with(?:out)? (?:class_path|parameters))")
+#: The union alternative that failed only because the value has another shape (e.g. one class for a list).
+_NOT_A_SUBCLASS = re.compile(r"^Not a valid subclass of ")
 _KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":$')
 _CLASS = re.compile(r"^Problem with given class_path '(?P<cls>[^']+)':$")
 _UNKNOWN_OPTION = re.compile(r"^Option '(?P<key>[^']+)' is not accepted$")
@@ -108,8 +118,19 @@ def _walk_message(message: str) -> _Leaf | None:
 
     The message nests ``Parser key "k":`` and ``Problem with given class_path 'C':`` blocks (by
     indentation), lists union alternatives as ``- ...`` (we skip the ``NoneType`` ones) and ends blocks with
-    ``Given value: ...``.  The key is built as ``k.init_args.k2.init_args.leaf``.
+    ``Given value: ...``.  The key is built as ``k.init_args.k2.init_args.leaf``.  A ``Not a valid subclass
+    of ...`` alternative (e.g. ``Reward`` when a list of rewards was given) yields to any other error (the
+    list alternative's ``no attribute 'DigitAlignmnt'``).
     """
+    leaves = list(_leaves(message))
+    for leaf in leaves:
+        if not (leaf.kind == "other" and _NOT_A_SUBCLASS.match(leaf.match.group(0))):
+            return leaf
+    return leaves[0] if leaves else None
+
+
+def _leaves(message: str):
+    """Every innermost error line of jsonargparse's nested message, in order (see :func:`_walk_message`)."""
     lines = message.splitlines()
     stack: list[tuple[int, str, str]] = []  # (indent, "key" | "class", text)
     for i, raw in enumerate(lines):
@@ -159,11 +180,12 @@ def _walk_message(message: str) -> _Leaf | None:
                         alt = _EXPECTED.match(s[2:])
                         if alt and "NoneType" not in alt["type"]:
                             types.append(alt["type"])
-                return _Leaf(kind, ".".join(parts), classes, m, value, types)
-        whole = re.match(r".*", stripped)
-        assert whole is not None
-        return _Leaf("other", ".".join(parts), classes, whole, value)
-    return None
+                yield _Leaf(kind, ".".join(parts), classes, m, value, types)
+                break
+        else:
+            whole = re.match(r".*", stripped)
+            assert whole is not None
+            yield _Leaf("other", ".".join(parts), classes, whole, value)
 
 
 def config_paths(argv: list[str]) -> list[str]:
@@ -231,6 +253,70 @@ def missing_file_cause(err: BaseException) -> str | None:
     return None
 
 
+def one_line(message: str) -> str:
+    """``message`` on one line (its lines stripped and joined with spaces)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _yaml_problem(err: Exception) -> str:
+    """E.g. ``YAML syntax error at line 11, column 3: did not find expected ',' or ']' (while parsing a flow
+    sequence at line 10, column 15)``."""
+    mark = getattr(err, "problem_mark", None)
+    if getattr(err, "problem", None) is None or mark is None:
+        return f"YAML syntax error: {one_line(str(err))}"
+    text = f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context:
+        where = f" at line {context_mark.line + 1}, column {context_mark.column + 1}" if context_mark else ""
+        text += f" ({context}{where})"
+    return text
+
+
+def _config_syntax_error(message: str, argv: list[str]) -> str:
+    """jsonargparse's multi-line ``Problems parsing config: <YAML error>`` as one line naming the file."""
+    for path in config_paths(argv):
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            return f"cannot read {path}: {_yaml_problem(err)}"
+        except (OSError, UnicodeDecodeError):
+            continue
+    return one_line(message)
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line message of an error a user can fix, if ``err`` is (or wraps) one; else ``None``.
+
+    That is a :class:`~lit_diffac.errors.LitDiffacError` in ``err``'s cause chain, or, when ``err`` arose
+    while the recipe's objects were built (``instantiate_classes``), a ``ValueError`` that a lit_diffac
+    constructor raised itself (its own argument checks, e.g. ``gamma and lam must lie in [0, 1]``); a
+    ``ValueError`` from inside torch or another library, or raised later (training), is left alone.
+    """
+    user_error = find_user_error(err)
+    if user_error is not None:
+        return one_line(str(user_error))
+    if not any(frame.name == "instantiate_classes" for frame in traceback.extract_tb(err.__traceback__)):
+        return None
+    innermost, seen = err, set()
+    while id(innermost) not in seen and (innermost.__cause__ or innermost.__context__) is not None:
+        seen.add(id(innermost))
+        innermost = innermost.__cause__ or innermost.__context__
+    tb = innermost.__traceback__
+    if type(innermost) is not ValueError or tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = Path(__file__).resolve().parent
+    if package not in Path(tb.tb_frame.f_code.co_filename).resolve().parents:
+        return None
+    message = one_line(str(innermost))
+    owner = tb.tb_frame.f_locals.get("self") if tb.tb_frame.f_code.co_name == "__init__" else None
+    name = type(owner).__name__ if owner is not None else None
+    if name and name not in message:
+        message = f"invalid {name}: {message}"
+    return message
+
+
 def format_parser_error(message: str, valid_keys: list[str] | None = None,
                         argv: list[str] | None = None) -> str:
     """Turn a jsonargparse error message into one readable line naming the offending key.
@@ -248,6 +334,8 @@ def format_parser_error(message: str, valid_keys: list[str] | None = None,
     """
     valid_keys = valid_keys or []
     argv = argv or []
+    if message.startswith("Problems parsing config"):
+        return _config_syntax_error(message, argv)
     leaf = _walk_message(message)
     if leaf is None:
         return message
@@ -291,8 +379,8 @@ def format_parser_error(message: str, valid_keys: list[str] | None = None,
         except Exception:  # noqa: BLE001 - only for suggestions
             pass
         tail = f" (did you mean '{m['module']}.{hint}'?)" if hint else ""
-        return (f"cannot import class_path '{class_path}' for '{leaf.key}'{_where(leaf.key, argv)}: "
-                f"module '{m['module']}' has no attribute '{m['attr']}'{tail}")
+        return (f"no class {m['attr']} in {m['module']}{tail}: cannot import class_path '{class_path}' for "
+                f"'{leaf.key}'{_where(leaf.key, argv)}")
     if leaf.kind == "module":
         class_path = leaf.classes[-1] if leaf.classes else m["module"]
         return (f"cannot import class_path '{class_path}' for '{leaf.key}'{_where(leaf.key, argv)}: "
@@ -323,9 +411,9 @@ class RecipeArgumentParser(LightningArgumentParser):
         except ImportError:
             pass
         try:
-            readable = formatter(message)
+            readable = one_line(formatter(message))
         except Exception:  # noqa: BLE001 - never hide the original error behind a formatting bug
-            readable = message
+            readable = one_line(message)
         self._logger.error(message)
         if self.help_command:
             sys.stderr.write(f"tip: list the accepted keys with: {self.help_command} --help\n")

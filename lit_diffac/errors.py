@@ -9,8 +9,10 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointMismatchError",
+    "ConfigError",
     "HubUnavailableError",
     "LitDiffacError",
+    "PipelineNotFoundError",
     "PromptFileError",
     "RewardOutputError",
     "TrainingHalted",
@@ -22,8 +24,13 @@ class LitDiffacError(Exception):
     """Base class: an error whose message names the problem and the fix (the CLI shows it as one line)."""
 
 
+class ConfigError(LitDiffacError, ValueError):
+    """A constructor argument out of range, or arguments that do not go together (checked at construction,
+    before any model is run); the message names the class, the argument and the allowed range."""
+
+
 class PromptFileError(LitDiffacError, ValueError):
-    """A prompt file that is empty, not UTF-8 text, or otherwise unusable."""
+    """A prompt source that is unusable: a file that is empty or not UTF-8 text, an unknown ``toy:`` set."""
 
 
 class RewardOutputError(LitDiffacError, ValueError, TypeError):

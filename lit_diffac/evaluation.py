@@ -171,7 +171,9 @@ class HeldOutEvaluation:
                     (("samples_per_prompt", samples_per_prompt, 1), ("every_n_iterations", every_n_iterations, 0),
                      ("batch_size", batch_size, 1)) if value < low]
         if problems:
-            raise ValueError("invalid HeldOutEvaluation: " + "; ".join(problems))
+            from lit_diffac.errors import ConfigError
+
+            raise ConfigError("invalid HeldOutEvaluation: " + "; ".join(problems))
         self.prompts = load_prompts(prompts)
         self.samples_per_prompt = samples_per_prompt
         self.every_n_iterations = every_n_iterations

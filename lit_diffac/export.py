@@ -3,7 +3,9 @@
     lit-diffac export --ckpt runs/actor_critic_dit/version_0/checkpoints/last.ckpt --out exported/
 
 The recipe is the run's own ``config.yaml`` (next to ``checkpoints/``) unless ``--config`` names one; the
-checkpoint is read with ``weights_only=True``.  Written (all weights as safetensors)::
+checkpoint (a file, or an ``http(s)://`` URL with ``--config``) is read with ``weights_only=True`` and checked
+against its tensor checksums (:func:`lit_diffac.checkpoints.load_checkpoint`).  Written (all weights as
+safetensors)::
 
     OUT/lora/pytorch_lora_weights.safetensors   a LoRA policy, in diffusers' pipeline LoRA format
                                                 (``pipe.load_lora_weights("OUT/lora")``)
@@ -159,7 +161,8 @@ def export_main(argv: list[str]) -> int:
     layout = __doc__[__doc__.index("    OUT/lora"):].rstrip().replace("``", "")
     parser = argparse.ArgumentParser(prog="lit-diffac export", description=export_main.__doc__,
                                      epilog=f"written:\n{layout}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint (e.g. runs/.../checkpoints/last.ckpt)")
+    parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint (e.g. runs/.../checkpoints/"
+                        "last.ckpt, or an http(s) URL), loaded weights-only")
     parser.add_argument("--config", default=None,
                         help="the recipe that trained it (default: config.yaml of the checkpoint's run folder)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -168,7 +171,13 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--base", default=None,
                         help="local base pipeline folder to copy (default: the recipe's backbone pretrained path)")
     args, overrides = parser.parse_known_args(argv)
-    if not Path(args.ckpt).is_file():
+    from lit_diffac.checkpoints import is_url
+
+    url = is_url(args.ckpt)
+    if url and args.config is None:
+        parser.error(f"checkpoint {args.ckpt} is a URL, which has no run folder with a config.yaml: pass "
+                     "--config RECIPE.yaml (the recipe that trained the checkpoint)")
+    if not url and not Path(args.ckpt).is_file():
         parser.error(f"checkpoint {args.ckpt!r} not found")
     config = args.config or default_config(args.ckpt)
     if config is None:
@@ -181,7 +190,8 @@ def export_main(argv: list[str]) -> int:
         module = load_module(recipe, args.ckpt, overrides)
     with torch.no_grad():
         manifest = export_module(module, args.out, merge=args.merge, base=args.base, provenance={
-            "checkpoint": str(Path(args.ckpt).resolve()), "recipe": str(Path(config).resolve()),
+            "checkpoint": args.ckpt if url else str(Path(args.ckpt).resolve()),
+            "recipe": str(Path(config).resolve()),
             "overrides": overrides})
     for kind, path in manifest["written"].items():
         if kind != "base_pipeline":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -112,21 +113,32 @@ class GracefulStop(Checkpoint):
     first SIGTERM / SIGINT only sets a flag; at the end of the current iteration (after the module's
     epoch-end work and any ModelCheckpoint) the checkpoint is written and the run stops (exit status 1, as
     after Ctrl-C).  A second Ctrl-C quits at once without saving.  The ``halt_reason`` of ``guard`` (set after
-    too many non-finite iterations) stops the run the same way, raising :class:`~lit_diffac.errors.TrainingHalted`.
+    too many non-finite iterations, or a reward that raised) stops the run the same way, raising
+    :class:`~lit_diffac.errors.TrainingHalted`.
+
+    With a ``ModelCheckpoint(save_last=True)`` among the callbacks it also keeps ``last.ckpt`` current: it
+    rewrites it when training ends (the final state) and at the end of an iteration once ``every_minutes`` of
+    wall time have passed since it last wrote one (a killed process loses at most that much work).
 
     Args:
         filename: checkpoint file name inside the run's checkpoint folder (``last.ckpt`` is what
             ``--ckpt_path last`` finds).
         guard: the module's :class:`NonFiniteGuard` (``None``: stop on signals only).
+        every_minutes: wall time between two ``last.ckpt`` writes (``None``: only at the end).
     """
 
-    def __init__(self, filename: str = "last.ckpt", guard: NonFiniteGuard | None = None) -> None:
+    def __init__(self, filename: str = "last.ckpt", guard: NonFiniteGuard | None = None,
+                 every_minutes: float | None = 30.0) -> None:
         if not filename.endswith(".ckpt"):
             raise ValueError(f"filename must end in .ckpt, got {filename!r}")
+        if every_minutes is not None and not every_minutes > 0:
+            raise ValueError(f"every_minutes must be > 0 or None, got {every_minutes}")
         self.filename = filename
         self.guard = guard
+        self.every_minutes = every_minutes
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
+        self._saved_at = time.monotonic()
 
     @property
     def state_key(self) -> str:
@@ -143,6 +155,7 @@ class GracefulStop(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = None
+        self._saved_at = time.monotonic()
         if not _in_main_thread():
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -155,8 +168,25 @@ class GracefulStop(Checkpoint):
                 signal.signal(signum, handler)
         self._previous = {}
 
+    def _keeps_last(self, trainer: L.Trainer) -> bool:
+        return any(isinstance(cb, ModelCheckpoint) and cb.save_last for cb in trainer.callbacks)
+
+    def _save(self, trainer: L.Trainer) -> Path:
+        path = checkpoint_dir(trainer) / self.filename
+        for callback in trainer.callbacks:  # its next last.ckpt then replaces this one (no last-v1.ckpt)
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath == str(path.parent):
+                callback.last_model_path = str(path)
+        trainer.save_checkpoint(path)
+        self._saved_at = time.monotonic()
+        return path
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
+        if self._keeps_last(trainer):
+            # last.ckpt is always the final state: ModelCheckpoint saves it only with a periodic checkpoint
+            # (it lags when max_epochs is no multiple of the period) and versions it (last-v1.ckpt) when an
+            # interrupted run's last.ckpt is already there.
+            self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
@@ -164,13 +194,19 @@ class GracefulStop(Checkpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         halt = self.guard.halt_reason if self.guard is not None else None
         signalled = self.received is not None
-        if trainer.world_size > 1:  # a signal may reach one process only: all stop together
+        if trainer.world_size > 1:  # a signal or a failing reward may reach one process only: all stop together
             signalled = bool(trainer.strategy.reduce_boolean_decision(signalled, all=False))
+            if bool(trainer.strategy.reduce_boolean_decision(halt is not None, all=False)):
+                halt = halt or "another process stopped"
         if not signalled and not halt:
+            due = self.every_minutes is not None and time.monotonic() - self._saved_at >= 60 * self.every_minutes
+            if trainer.world_size > 1:
+                due = bool(trainer.strategy.reduce_boolean_decision(due, all=False))
+            if due and self._keeps_last(trainer):
+                self._save(trainer)
             return
         self.received = self.received or "signal in another process"
-        path = checkpoint_dir(trainer) / self.filename
-        trainer.save_checkpoint(path)
+        path = self._save(trainer)
         where = f"saved a resumable checkpoint to {path.resolve()} (resume with --ckpt_path {path.resolve()})"
         if halt:
             raise TrainingHalted(f"{halt}; {where}")
@@ -218,6 +254,16 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped_iterations, self.consecutive_bad = state["skipped_iterations"], state["consecutive_bad"]
+
+    def call(self, fn: Callable[[], Any], what: str, iteration: int) -> tuple[Any, str | None]:
+        """``(fn(), None)``, or ``(None, problem)`` when ``fn`` raised: the run then stops at the end of the
+        iteration with a checkpoint (:attr:`halt_reason`), instead of with a traceback and no checkpoint."""
+        try:
+            return fn(), None
+        except Exception as err:  # noqa: BLE001 - any failure of user code: stop cleanly with a checkpoint
+            problem = f"{what} raised {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            self.halt_reason = f"iteration {iteration}: {problem}; fix it, then resume"
+            return None, problem
 
     def run(self, update: Callable[[], dict[str, float]], problem: str | None,
             snapshot: Callable[[], TrainableSnapshot], everywhere: Callable[[bool], bool], iteration: int,

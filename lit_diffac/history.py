@@ -63,9 +63,10 @@ class RunHistory:
         self.evaluations = [dict(e) for e in state["eval_history"]]
         self.recent = [dict(m) for m in state["recent_metrics"]]
 
-    def summary(self, module: str, iterations: int, seed: int) -> dict:
+    def summary(self, module: str, iterations: int, seed: int, checkpoint: str | Path | None = None) -> dict:
         """The ``summary.json`` of a run: base and final held-out metrics, diagnostics averaged over the last
-        iterations (``train/…`` into ``final_train``; ``perf/…`` left out), samples seen and wall time."""
+        iterations (``train/…`` into ``final_train``; ``perf/…`` left out), samples seen, wall time and the
+        checkpoint that holds the final weights (``None``: none written)."""
         base = next((e for e in self.evaluations if e["label"] == "base"), None)
         final = self.evaluations[-1] if self.evaluations else {}
         recent = self.recent
@@ -84,13 +85,15 @@ class RunHistory:
                             **{k: v for k, v in sorted(averaged.items()) if not k.startswith("perf/")}},
             "eval_history": self.evaluations,
             "seed": seed,
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
         }
 
-    def write_summary(self, path: str | Path, module: str, iterations: int, seed: int) -> Path:
+    def write_summary(self, path: str | Path, module: str, iterations: int, seed: int,
+                      checkpoint: str | Path | None = None) -> Path:
         """Write :meth:`summary` as JSON to ``path`` and return it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.summary(module, iterations, seed), indent=2))
+        path.write_text(json.dumps(self.summary(module, iterations, seed, checkpoint), indent=2))
         return path
 
 

@@ -101,6 +101,13 @@ def clip_gradients(params: Iterable[nn.Parameter], max_norm: float | None) -> fl
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")))
 
 
+def zero_grad(groups: Iterable[tuple[str, torch.optim.Optimizer | None, list[nn.Parameter]]]) -> None:
+    """Clear the gradients of every group's optimiser (``None`` optimisers are skipped)."""
+    for _, optimizer, _ in groups:
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+
+
 def clip_and_step(groups: Iterable[tuple[str, torch.optim.Optimizer | None, list[nn.Parameter]]],
                   max_grad_norm: float | None, check: Callable[[float, str], None]) -> dict[str, float]:
     """Clip each group's gradients, check every norm, then step each optimiser.
@@ -157,3 +164,19 @@ def build_optimizer(factory: Callable[[list[nn.Parameter]], torch.optim.Optimize
         group["lr"] = lr
     optimizer.defaults["lr"] = lr
     return optimizer
+
+
+def apply_learning_rates(optimizers: Iterable[tuple[str, torch.optim.Optimizer | None, float]]) -> list[str]:
+    """Set each ``(name, optimizer, lr)``'s learning rate (a resumed run's optimiser states carry the old one);
+    return a message for each one that changed."""
+    messages = []
+    for name, optimizer, lr in optimizers:
+        if optimizer is None:
+            continue
+        old = {group["lr"] for group in optimizer.param_groups}
+        if old != {lr}:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            messages.append(f"{name} learning rate {', '.join(f'{v:g}' for v in sorted(old))} -> {lr:g} "
+                            "(the recipe's value replaces the checkpoint's)")
+    return messages

@@ -91,6 +91,14 @@ def iteration_generator(seed: int, iteration: int, rank: int, purpose: int,
     return torch.Generator(device=device).manual_seed(mixed % (2**63))
 
 
+def sample_prompt_groups(prompts: Sequence[str], batch_size: int, group_size: int,
+                         generator: torch.Generator) -> list[str]:
+    """``batch_size`` prompts: ``batch_size / group_size`` uniform draws from ``prompts``, each repeated
+    ``group_size`` times in a row (GRPO's groups; ``group_size = 1`` for the actor-critic)."""
+    idx = torch.randint(len(prompts), (batch_size // group_size,), generator=generator, device=generator.device)
+    return [prompts[i] for i in idx.tolist() for _ in range(group_size)]
+
+
 ValueFn = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
 

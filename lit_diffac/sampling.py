@@ -22,15 +22,23 @@ from lit_diffac.resume import check_compatible
 
 
 def load_module(config: str, ckpt: str | None = None, overrides: list[str] | None = None):
-    """Build the LightningModule a recipe describes (and load a Lightning checkpoint's weights into it)."""
+    """Build the LightningModule a recipe describes (and load a Lightning checkpoint's weights into it).
+
+    ``ckpt`` is a file or an ``http(s)://`` URL, read by :func:`lit_diffac.checkpoints.load_checkpoint`
+    (``weights_only=True``; a corrupt, truncated or non-weights-only file raises a one-line error)."""
     from lit_diffac.cli import LitDiffacCLI
 
     cli = LitDiffacCLI(["--config", config, *(overrides or [])], run=False)
     module = cli.model
     if ckpt is not None:
-        if not Path(ckpt).is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt!r} not found")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        from lit_diffac.checkpoints import CorruptCheckpointError, load_checkpoint
+
+        # weights-only (URLs too), checked against the checksums saved with it (or, older files, for finiteness)
+        checkpoint = load_checkpoint(ckpt, map_location="cpu")
+        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError(f"checkpoint {ckpt} is not a Lightning checkpoint (it has no state_dict): "
+                                         "pass a .ckpt file of a lit-diffac run")
         check_compatible(module.state_dict(), state, ckpt, ignore_prefixes=("rewards.",))
         module.load_state_dict(state, strict=False)
     return module.eval()
@@ -56,7 +64,8 @@ def sample_main(argv: list[str]) -> int:
     """generate images from a recipe's policy (optionally critic-steered or best-of-N) with their rewards"""
     parser = argparse.ArgumentParser(prog="lit-diffac sample", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the recipe that built the policy")
-    parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint of that recipe (default: initial weights)")
+    parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint of that recipe: a file or an "
+                        "http(s) URL, loaded weights-only (default: initial weights)")
     parser.add_argument("--prompts", default="toy:heldout", help="prompt file, or toy:train / toy:heldout")
     parser.add_argument("--samples-per-prompt", type=int, default=1)
     parser.add_argument("--scale", type=float, default=0.0, help="critic steering scale (0: off)")

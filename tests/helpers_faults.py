@@ -77,3 +77,21 @@ def write_tiny_recipe(folder, pipelines, family: str = "dit", reward: str = "bri
     path.write_text(TINY_RECIPE.format(backbone=backbone, pipeline=pipelines[family], sampler=sampler,
                                        reward=reward))
     return path
+
+
+def error_line(capsys, args: list[str]) -> str:
+    """Run ``lit-diffac ARGS``; check exit status 2, exactly one ``error:`` line and no traceback; return it."""
+    import pytest
+
+    from lit_diffac.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert info.value.code == 2, text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, text[-2000:]
+    return lines[0]

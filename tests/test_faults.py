@@ -234,7 +234,9 @@ def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_to_the_same_result(toy_
         assert a[key] == b[key], key
     wa, wb = (torch.load(d / "runs" / "tiny_rl" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
               for d in (whole, split))
-    assert wa["epoch"] == wb["epoch"] == 3  # saved at the end of the last iteration (index 3)
+    assert wa["epoch"] == wb["epoch"] == 4  # last.ckpt: the final state, saved when training ended
+    assert not list((split / "runs" / "tiny_rl" / "version_0" / "checkpoints").glob("last-v*.ckpt"))
+    assert b["checkpoint"] == str((split / "runs" / "tiny_rl" / "version_0" / "checkpoints" / "last.ckpt").resolve())
     assert all(torch.equal(wa["state_dict"][k], wb["state_dict"][k]) for k in wa["state_dict"])
 
 
@@ -247,3 +249,64 @@ def test_ctrl_c_mid_run_saves_a_checkpoint(toy_pipelines, tmp_path):
         in killed.stderr
     assert f"[SIGINT] saved a resumable checkpoint to {ckpt.resolve()}" in killed.stderr
     assert torch.load(ckpt, weights_only=True)["epoch"] == 0
+
+
+def raises_at(iteration: int):
+    """Brightness that raises on training call ``iteration`` (a scorer bug or a failed remote call)."""
+    calls = {"n": 0}
+
+    def reward(images, prompts, **_):
+        if len(prompts) == 4:
+            calls["n"] += 1
+            if calls["n"] - 1 == iteration:
+                raise ValueError("scorer fell over\nsecond line of the message")
+        return images.mean(dim=(1, 2, 3))
+    return reward
+
+
+def test_a_reward_that_raises_stops_with_a_checkpoint_of_the_iterations_before(toy_pipelines, tmp_path):
+    module = make(toy_pipelines["dit"], raises_at(1))
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    weights_after_0 = {}
+
+    class Keep(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                weights_after_0.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    trainer.callbacks.append(Keep())
+    with pytest.raises(TrainingHalted, match=r"iteration 1: scoring raised ValueError: scorer fell over; fix it, "
+                                             r"then resume; saved a resumable checkpoint to .*last\.ckpt"):
+        trainer.fit(module)
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["lit_diffac"]["samples_seen"] == 8 and saved["lit_diffac"]["skipped_iterations"] == 1
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in weights_after_0.items())  # iteration 1 skipped
+
+
+def test_last_ckpt_is_written_every_n_minutes(toy_pipelines, tmp_path, monkeypatch):
+    import lit_diffac.faults as faults
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(faults.time, "monotonic", lambda: clock["t"])
+
+    class Tick(Callback):  # each iteration takes 20 "minutes"
+        def on_train_epoch_start(self, trainer, pl_module):
+            clock["t"] += 20 * 60
+
+    saved_epochs = []
+    real_save = L.Trainer.save_checkpoint
+
+    def save(self, path, *args, **kwargs):
+        saved_epochs.append((Path(path).name, self.current_epoch))
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", save)
+    module = make(toy_pipelines["dit"], nan_at(-1))
+    L.Trainer(max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+              callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=100), Tick()]).fit(module)
+    # 30-minute period, 20-minute iterations: after iterations 1 and 3 (40 and 80 minutes), then the final state
+    # (written by ModelCheckpoint's own end-of-training save too); never a versioned last-v1.ckpt
+    assert saved_epochs[:2] == [("last.ckpt", 1), ("last.ckpt", 3)]
+    assert set(saved_epochs[2:]) == {("last.ckpt", 4)}
+    assert sorted(p.name for p in tmp_path.glob("last*.ckpt")) == ["last.ckpt"]

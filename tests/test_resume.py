@@ -39,12 +39,13 @@ class Recorder(Callback):
                              or k == "perf/samples_seen"})
 
 
-def fit(cls, pipeline, root, name: str, epochs: int, ckpt_path=None, **kw):
+def fit(cls, pipeline, root, name: str, epochs: int, ckpt_path=None, train_prompts=("a 1", "a 2"), **kw):
     L.seed_everything(0)
+    options = dict(sampler=FlowSDESampler(num_steps=4), batch_size=4, minibatch_size=8, clip_range=1e-2,
+                   actor_lr=1e-3, evaluation=HeldOutEvaluation(samples_per_prompt=2, prompts=EVAL_PROMPTS))
     module = cls(backbone=DiTBackbone(str(pipeline)), rewards=[CallableReward(noisy_brightness)],
-                 sampler=FlowSDESampler(num_steps=4), batch_size=4, minibatch_size=8,
-                 evaluation=HeldOutEvaluation(samples_per_prompt=2, prompts=EVAL_PROMPTS), train_prompts=["a 1", "a 2"],
-                 clip_range=1e-2, actor_lr=1e-3, **kw)
+                 train_prompts=train_prompts if isinstance(train_prompts, str) else list(train_prompts),
+                 **{**options, **kw})
     recorder = Recorder()
     trainer = L.Trainer(max_epochs=epochs, logger=TensorBoardLogger(root, name=name, version=0),
                         callbacks=[ModelCheckpoint(dirpath=root / name / "ckpt", save_last=True), recorder],
@@ -81,7 +82,7 @@ def test_four_iterations_equal_two_plus_resume_plus_two(cls, kwargs, toy_pipelin
     first, first_metrics, _ = fit(cls, pipeline, tmp_path, "split", 2, **kwargs())
     ckpt = tmp_path / "split" / "ckpt" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain tensors, numbers, lists, dicts
-    assert state[CHECKPOINT_KEY]["samples_seen"] == 8 and state["epoch"] == 1
+    assert state[CHECKPOINT_KEY]["samples_seen"] == 8 and state["epoch"] == 2  # last.ckpt: the state after training
     assert state[CHECKPOINT_KEY]["skipped_iterations"] == 0 and state[CHECKPOINT_KEY]["consecutive_bad"] == 0
     assert [e["label"] for e in state[CHECKPOINT_KEY]["eval_history"]] == ["base"]  # saved before the final one
     resumed, resumed_metrics, _ = fit(cls, pipeline, tmp_path, "resumed", 4, ckpt_path=ckpt, **kwargs())
@@ -148,3 +149,56 @@ def test_a_replay_left_out_of_checkpoints_is_refilled(toy_pipelines, tmp_path):
     assert torch.load(ckpt, map_location="cpu", weights_only=True)[CHECKPOINT_KEY]["critic_replay"] is None
     resumed, _, _ = fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "resumed", 3, ckpt_path=ckpt, **replay())
     assert len(resumed.critic_replay.entries) == 1
+
+
+def test_six_iterations_equal_two_plus_two_plus_two_with_the_real_toy_prompts(tmp_path):
+    """The shipped toy DiT and its 60 training prompts: a resumed run's prompt cache starts empty and meets the
+    prompts in other batches, so embeddings must not depend on their batch.  Resumed at two points; weights,
+    optimiser states, the critic replay and the summary metrics all bit-exact."""
+    run = dict(train_prompts="toy:train", batch_size=8, critic_replay=None)
+    kw = lambda: {**run, "critic_replay": CriticReplay(iterations=4, passes=1)}  # noqa: E731
+    whole, whole_metrics, _ = fit(LatentActorCritic, "toy-dit", tmp_path, "whole", 6, **kw())
+    _, metrics, _ = fit(LatentActorCritic, "toy-dit", tmp_path, "a", 2, **kw())
+    ckpt = tmp_path / "a" / "ckpt" / "last.ckpt"
+    for name, epochs in (("b", 4), ("c", 6)):
+        resumed, more, _ = fit(LatentActorCritic, "toy-dit", tmp_path, name, epochs, ckpt_path=ckpt, **kw())
+        metrics += more
+        ckpt = tmp_path / name / "ckpt" / "last.ckpt"
+    assert metrics == whole_metrics  # every iteration's metrics, floats compared with ==
+    assert_same_state(whole, resumed)
+    for a, b in zip(whole.critic_replay.entries, resumed.critic_replay.entries):
+        assert all(torch.equal(x, y) for x, y in zip([*a.features, a.targets, a.old_values],
+                                                      [*b.features, b.targets, b.old_values]))
+    summaries = [json.loads((tmp_path / n / "version_0" / "summary.json").read_text()) for n in ("whole", "c")]
+    for key in ("iterations", "samples_seen", "base", "final", "final_train", "eval_history"):
+        assert summaries[0][key] == summaries[1][key], key
+
+
+def test_last_ckpt_is_the_final_state_and_summary_names_it(toy_pipelines, tmp_path):
+    """3 iterations with a checkpoint every 2: last.ckpt holds iteration 3, not 2, and summary.json names it."""
+    L.seed_everything(0)
+    module = LatentActorCritic(backbone=DiTBackbone(str(toy_pipelines["dit"])), rewards=[CallableReward(noisy_brightness)],
+                               sampler=FlowSDESampler(num_steps=2), batch_size=2, minibatch_size=4,
+                               evaluation=HeldOutEvaluation(samples_per_prompt=1, prompts=EVAL_PROMPTS))
+    trainer = L.Trainer(max_epochs=3, logger=TensorBoardLogger(tmp_path, name="run", version=0),
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=2, save_last=True)],
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last[CHECKPOINT_KEY]["samples_seen"] == 6  # three iterations of two samples
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in module.state_dict().items())
+    summary = json.loads((tmp_path / "run" / "version_0" / "summary.json").read_text())
+    assert summary["checkpoint"] == str((tmp_path / "ckpt" / "last.ckpt").resolve())
+
+
+def test_learning_rates_changed_on_resume_are_applied(toy_pipelines, tmp_path, capsys):
+    fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "first", 1)
+    ckpt = tmp_path / "first" / "ckpt" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-3
+    capsys.readouterr()
+    resumed, _, trainer = fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "second", 2, ckpt_path=ckpt,
+                              actor_lr=5e-4, critic_lr=2e-3)
+    assert [g["lr"] for opt in trainer.optimizers for g in opt.param_groups] == [5e-4, 2e-3]
+    out = capsys.readouterr().out
+    assert "actor learning rate 0.001 -> 0.0005 (the recipe's value replaces the checkpoint's)" in out
+    assert "critic learning rate 0.001 -> 0.002" in out

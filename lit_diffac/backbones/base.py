@@ -239,28 +239,21 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
         """Encode ``prompts`` (frozen text encoders, cached per prompt string).
 
+        Each new prompt is encoded on its own, so its embedding depends on the prompt only: batched matrix
+        products can differ in the last bits with the batch's size and content, and a resumed run, whose cache
+        starts empty, would otherwise encode some prompts in other batches than an uninterrupted run.
         ``hidden`` keeps the text encoders' dtype (half the memory under bf16 weights); ``pooled`` (also read
         by the value head) is float32.
         """
         prompts = list(prompts)
-        new = sorted({p for p in prompts if p not in self._prompt_cache})
-        if new:
-            embeds = self._encode(new)
-            embeds = PromptEmbeds(hidden=embeds.hidden, pooled=embeds.pooled.float())
-            for i, p in enumerate(new):
-                self._prompt_cache[p] = embeds[i : i + 1]
+        for p in sorted({p for p in prompts if p not in self._prompt_cache}):
+            embeds = self._encode([p])
+            self._prompt_cache[p] = PromptEmbeds(hidden=embeds.hidden, pooled=embeds.pooled.float())
         out = PromptEmbeds.cat([self._prompt_cache[p] for p in prompts])
         if self.max_cached_prompts is not None:
             for key in list(self._prompt_cache)[:max(0, len(self._prompt_cache) - self.max_cached_prompts)]:
                 del self._prompt_cache[key]
         return out
-
-    def precompute_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> int:
-        """Encode and cache ``prompts`` in chunks of ``batch_size`` (e.g. before training); returns the cache size."""
-        prompts = list(dict.fromkeys(prompts))
-        for start in range(0, len(prompts), batch_size):
-            self.encode_prompts(prompts[start:start + batch_size])
-        return len(self._prompt_cache)
 
     def clear_prompt_cache(self) -> None:
         """Forget cached prompt embeddings (needed when the text encoder changes)."""

@@ -5,13 +5,16 @@ pipeline's components as a :class:`PipelineComponents`, which :class:`~lit_diffa
 / :class:`~lit_diffac.backbones.unet.UNetBackbone` accept as ``pretrained`` in place of a name.
 
 A name is resolved as: a toy alias (``"toy-unet"``, ``"toy-dit"``) → the folder shipped in the package;
-an existing local path → that folder (which must hold the needed sub-folders); ``owner/name`` → a hub id
-(only the needed sub-folders are downloaded, and never while ``HF_HUB_OFFLINE`` is set); anything else →
-:class:`~lit_diffac.errors.PipelineNotFoundError`.
+an existing local path → that folder (which must hold the needed sub-folders); a hub id (see
+:func:`is_hub_id`: ``owner/name`` whose ``owner`` is not a local folder) → the hub (only the needed
+sub-folders are downloaded, and never while ``HF_HUB_OFFLINE`` is set); anything else is a local path that
+does not exist → :class:`~lit_diffac.errors.PipelineNotFoundError` at once, without touching the network.
+Write local folders as ``./weights/NAME`` to make them unmistakable.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ __all__ = [
     "TOY_ALIASES",
     "hub_has_subfolder",
     "hub_offline",
+    "is_hub_id",
     "load_component",
     "load_dit_components",
     "load_unet_components",
@@ -42,6 +46,40 @@ TOY_ALIASES = {"toy-unet": "toy-unet", "toy-dit": "toy-dit"}
 
 #: ``owner/name`` — what a Hugging Face hub id looks like (a local folder that exists always wins).
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+#: Endings of file names: a name ending so is a (missing) local file, never a hub id.
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".onnx", ".gguf", ".json", ".yaml",
+                 ".yml", ".txt", ".zip", ".tar", ".gz")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name``, which is neither a toy alias nor an existing local path, names a Hugging Face Hub id.
+
+    The rule: exactly ``owner/name`` (one ``/``; letters, digits, ``_ . -``), not starting with ``.``
+    (``./``, ``../``), ``/`` or ``~``, not ending in a file suffix (:data:`FILE_SUFFIXES`), and ``owner`` is
+    not a folder here (with a local ``weights/`` folder, ``weights/sd15`` is a missing local folder, not a
+    hub id).  Anything else with a path separator is a local path.
+    """
+    return _hub_shaped(name) and not Path(name.split("/", 1)[0]).is_dir()
+
+
+def _hub_shaped(name: str) -> bool:
+    """``owner/name`` that neither starts like a path (``.``, ``/``, ``~``) nor ends in a file suffix."""
+    return (bool(HUB_ID.fullmatch(name)) and not name.startswith((".", "/", "~"))
+            and not name.lower().endswith(FILE_SUFFIXES))
+
+
+def _nearest_folder(path: str) -> str | None:
+    """A folder next to missing ``path`` whose name is close to its last part (or the closest toy alias)."""
+    parent, name = os.path.split(path.rstrip("/\\"))
+    candidates = [] if parent else list(TOY_ALIASES)
+    try:
+        folder = Path(parent or ".").expanduser()
+        candidates += [child.name for child in folder.iterdir() if child.is_dir()]
+    except OSError:
+        pass
+    match = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return os.path.join(parent, match[0]) if match else None
 
 
 @dataclass
@@ -111,8 +149,9 @@ def require_local_folder(path: str, subfolder: str) -> None:
 def locate_pipeline(pretrained: str, subfolders: Sequence[str]) -> tuple[str, bool]:
     """Find ``pretrained``: a toy alias, a local folder or a hub id.
 
-    The hub is used only for a name of the form ``owner/name`` that is not an existing local path.  A local
-    folder must hold every one of ``subfolders``.
+    The hub is used only for a hub id (:func:`is_hub_id`: ``owner/name`` that is not an existing local path
+    and whose ``owner`` is not a local folder); any other missing path fails at once.  A local folder must
+    hold every one of ``subfolders``.
 
     Returns:
         ``(folder or hub id, is_local)``.
@@ -127,10 +166,17 @@ def locate_pipeline(pretrained: str, subfolders: Sequence[str]) -> tuple[str, bo
         for sub in subfolders:
             require_local_folder(str(local), sub)
         return str(local), True
-    if HUB_ID.fullmatch(path) and not path.startswith((".", "/", "~")):
+    if is_hub_id(path):
         return path, False
+    notes = []
+    if _hub_shaped(path):  # owner/name, but ./owner/ exists
+        notes.append(f"a local path, not a hub id, as the folder '{path.split('/', 1)[0]}/' exists here")
+    nearest = _nearest_folder(path)
+    if nearest is not None:
+        notes.append(f"did you mean {nearest!r}?")
+    detail = f" ({'; '.join(notes)})" if notes else ""
     raise PipelineNotFoundError(
-        f"no pipeline folder at {path!r}: put a diffusers pipeline there (sub-folders "
+        f"no pipeline folder at {path!r}{detail}: put a diffusers pipeline there (sub-folders "
         f"{', '.join(s + '/' for s in subfolders)}; see docs/from_toy_to_sd.md) or name a hub id such as "
         f"'stable-diffusion-v1-5/stable-diffusion-v1-5'")
 
@@ -144,8 +190,10 @@ def require_hub(path: str) -> None:
     """
     if hub_offline():
         raise HubUnavailableError(
-            f"{path!r} is not a local folder and the Hugging Face Hub is offline (HF_HUB_OFFLINE=1): download it "
-            f"where the hub is reachable (`hf download {path} --local-dir DIR`) and pass DIR as `pretrained`")
+            f"no local folder {path!r}, so it was tried as a Hugging Face Hub id, but the hub is offline "
+            f"(HF_HUB_OFFLINE=1) and offline use needs a local folder: download it where the hub is "
+            f"reachable (`hf download {path} --local-dir DIR`) and pass DIR as `pretrained` (e.g. "
+            f"./weights/{path.split('/')[-1]})")
 
 
 def load_component(cls: Any, path: str, subfolder: str, is_local: bool, **kwargs: Any) -> Any:
@@ -168,9 +216,10 @@ def load_component(cls: Any, path: str, subfolder: str, is_local: bool, **kwargs
     except Exception as err:  # noqa: BLE001 - hub/network errors come in many types; all mean "not available"
         name = path.split("/")[-1]
         raise PipelineNotFoundError(
-            f"cannot load '{subfolder}/' of hub id {path!r} ({type(err).__name__}; offline, gated or misspelt?): "
-            f"download it first, e.g. `hf download {path} --local-dir weights/{name}`, and pass "
-            f"pretrained: weights/{name}") from err
+            f"cannot load '{subfolder}/' of hub id {path!r} (no local folder of that name, so the Hugging "
+            f"Face Hub was tried: {type(err).__name__}; offline, gated or misspelt?): offline use needs a "
+            f"local folder: download it first, e.g. `hf download {path} --local-dir weights/{name}`, and "
+            f"pass pretrained: ./weights/{name}") from err
 
 
 def hub_has_subfolder(path: str, name: str, is_local: bool) -> bool:
@@ -188,10 +237,12 @@ def hub_has_subfolder(path: str, name: str, is_local: bool) -> bool:
     try:
         index = DiffusionPipeline.load_config(path)
     except Exception as err:  # noqa: BLE001
+        short = path.split("/")[-1]
         raise PipelineNotFoundError(
-            f"cannot read model_index.json of hub id {path!r} ({type(err).__name__}; offline?): download the "
-            f"pipeline first (`hf download {path} --local-dir weights/{path.split('/')[-1]}`) and pass that folder"
-        ) from err
+            f"cannot read model_index.json of hub id {path!r} (no local folder of that name, so the Hugging "
+            f"Face Hub was tried: {type(err).__name__}; offline, gated or misspelt?): offline use needs a "
+            f"local folder: download it first, e.g. `hf download {path} --local-dir weights/{short}`, and "
+            f"pass pretrained: ./weights/{short}") from err
     return name in index and index[name][0] is not None
 
 

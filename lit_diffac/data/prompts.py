@@ -8,6 +8,7 @@ A source is a list of strings, or one string naming:
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Sequence
 
@@ -18,14 +19,29 @@ from lit_diffac.errors import PromptFileError
 
 PromptSource = str | Sequence[str]
 
+#: The toy world's prompt sets, named ``"toy:<set>"``.
+TOY_PROMPT_SETS = ("train", "heldout")
+
 
 def load_prompts(source: PromptSource) -> list[str]:
-    """Resolve a prompt source to a non-empty list of prompts (clear errors otherwise)."""
+    """Resolve a prompt source to a non-empty list of prompts (clear errors otherwise).
+
+    Raises:
+        PromptFileError: an unknown ``toy:`` set, an empty list, or an unusable prompt file.
+        FileNotFoundError: a prompt file that does not exist.
+    """
     if isinstance(source, str):
         if source.startswith("toy:"):
             from lit_diffac.toy.prompts import prompt_table
 
-            return [p for p, _ in prompt_table(source.split(":", 1)[1])]
+            split = source.split(":", 1)[1]
+            if split not in TOY_PROMPT_SETS:
+                names = [f"toy:{name}" for name in TOY_PROMPT_SETS]
+                match = difflib.get_close_matches(source, names, n=1)
+                hint = f" (did you mean {match[0]!r}?)" if match else ""
+                raise PromptFileError(f"unknown toy prompt set {source!r}{hint}: the toy prompt sets are "
+                                      f"{' and '.join(repr(n) for n in names)}")
+            return [p for p, _ in prompt_table(split)]
         return read_prompt_file(source)
     prompts = [str(p) for p in source]
     if not prompts:

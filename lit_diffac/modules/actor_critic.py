@@ -34,16 +34,17 @@ from lit_diffac.data.prompts import PromptSource, load_prompts
 from lit_diffac.distributed import all_processes, gather_processes
 from lit_diffac.estimators import AdvantageEstimator, Advantages, CriticGAE
 from lit_diffac.evaluation import HeldOutEvaluation, default_sampler
-from lit_diffac.faults import GracefulStop, NonFiniteGuard, NonFiniteUpdate, TrainableSnapshot, nonfinite_inputs
+from lit_diffac.faults import (GracefulStop, NonFiniteGuard, NonFiniteUpdate, TrainableSnapshot, checkpoint_dir,
+                               nonfinite_inputs)
 from lit_diffac.history import IterationTimer, RunHistory
 from lit_diffac.losses import gaussian_kl
 from lit_diffac.modules.config import check_config
 from lit_diffac.normalization import RewardNormalizer
-from lit_diffac.ppo import (build_optimizer, clip_and_step, clip_gradients, minibatch_loss, reward_statistics,
-                            shuffled_pairs, value_diagnostics)
+from lit_diffac.ppo import (apply_learning_rates, build_optimizer, clip_and_step, clip_gradients, minibatch_loss,
+                            reward_statistics, shuffled_pairs, value_diagnostics, zero_grad)
 from lit_diffac.resume import CHECKPOINT_KEY, check_compatible, load_training_state, training_state
 from lit_diffac.rewards.base import Reward
-from lit_diffac.rollout import Rollout, collect_rollout, denoise, iteration_generator
+from lit_diffac.rollout import Rollout, collect_rollout, denoise, iteration_generator, sample_prompt_groups
 from lit_diffac.samplers.base import Sampler
 from lit_diffac.value_heads.head import ValueHead
 
@@ -59,8 +60,7 @@ class LatentActorCritic(L.LightningModule):
         reward_weights: weight of each reward's advantages (default: all 1).
         sampler: stochastic sampler with log-probs (default: DDIM η=1 or flow SDE a=0.7, 10 steps).
         value_head: factory ``(feature_dims, text_dim, num_outputs) → nn.Module`` (default: :class:`ValueHead`).
-        estimator: advantage estimator (default: :class:`CriticGAE` with γ = λ = 1); it also says how rewards
-            are standardised (``reward_normalization``).  A critic-free one (GRPO, DDPO) means no value head.
+        estimator: advantages and reward standardisation (default :class:`CriticGAE`); critic-free: no value head.
         train_prompts: prompt source for rollouts (``"toy:train"``, a text file, or a list).
         evaluation: the held-out evaluation (default: :class:`HeldOutEvaluation` on ``"toy:heldout"``).
         batch_size: trajectories per iteration per process.
@@ -72,12 +72,10 @@ class LatentActorCritic(L.LightningModule):
         value_clip_range: clip of ``V`` around ``V_old`` in the value loss (``None``: unclipped).
         kl_coef: weight β of the per-step KL to the reference policy (:func:`~lit_diffac.losses.gaussian_kl`);
             the reference is the base model, computed by disabling the LoRA adapter, so it needs a LoRA policy.
-        critic_replay: extra value-only passes per iteration on cached features of recent iterations (head
-            only, no backbone pass; :class:`~lit_diffac.critic_replay.CriticReplay`).  ``None`` is the paper's
-            setting (the critic learns from the PPO minibatches only).
+        critic_replay: extra value-only passes on cached features of recent iterations (head only;
+            :class:`~lit_diffac.critic_replay.CriticReplay`); ``None``: PPO minibatches only (the paper).
         actor_lr, critic_lr: learning rates of the two optimisers.
-        optimizer: the optimiser class and settings for both (default: AdamW, betas (0.9, 0.95), weight decay
-            1e-4); its ``lr`` is replaced by ``actor_lr`` / ``critic_lr``.
+        optimizer: optimiser for both, its ``lr`` replaced (default: AdamW, betas (0.9, 0.95), weight decay 1e-4).
         max_grad_norm: gradient clipping of the actor's and of the critic's parameters (``None``: off).
         value_gradient: ``"detached"`` (value loss trains only the head), ``"shared"`` (it also trains the
             backbone's policy parameters) or ``"critic_lora"`` (it trains the head and the backbone's separate
@@ -85,8 +83,7 @@ class LatentActorCritic(L.LightningModule):
         cfg_scale: classifier-free guidance in rollouts and updates (1.0 = off, the paper's setting); the
             unconditional branch uses the backbone's ``negative_prompt``.
         seed: seeds prompts, rollout noise and minibatch order (with the iteration and process rank).
-        faults: what to do with non-finite iterations (default: :class:`NonFiniteGuard`: skip and roll back,
-            stop with a checkpoint after 3 in a row).
+        faults: non-finite iterations (default :class:`NonFiniteGuard`: skip, roll back, stop after 3 in a row).
     """
 
     def __init__(
@@ -190,9 +187,10 @@ class LatentActorCritic(L.LightningModule):
         generator = self.generator(purpose=0)
         rollout = self.roll_out(self.sample_prompts(generator), generator)
         timer.lap("rollout")
-        rollout.rewards = self.score(rollout.images, rollout.prompts, times=timer.reward_times)
+        rollout.rewards, problem = self.faults.call(
+            lambda: self.score(rollout.images, rollout.prompts, times=timer.reward_times), "scoring", self.current_epoch)
         timer.lap("reward")
-        problem = nonfinite_inputs(rollout.rewards, rollout.log_probs, rollout.values, self.reward_names)
+        problem = problem or nonfinite_inputs(rollout.rewards, rollout.log_probs, rollout.values, self.reward_names)
         metrics = self.faults.run(lambda: self.update(rollout, *self.actor_critic_optimizers()), problem,
                                   snapshot=self.snapshot, everywhere=self.everywhere,
                                   iteration=self.current_epoch, log=self.print)
@@ -204,10 +202,8 @@ class LatentActorCritic(L.LightningModule):
 
     def sample_prompts(self, generator: torch.Generator) -> list[str]:
         """``batch_size`` prompts: ``batch_size / samples_per_prompt`` draws, each repeated (a group)."""
-        group = self.hparams.samples_per_prompt
-        idx = torch.randint(len(self.train_prompt_list), (self.hparams.batch_size // group,), generator=generator,
-                            device=generator.device)
-        return [self.train_prompt_list[i] for i in idx.tolist() for _ in range(group)]
+        return sample_prompt_groups(self.train_prompt_list, self.hparams.batch_size, self.hparams.samples_per_prompt,
+                                    generator)
 
     def roll_out(self, prompts: list[str], generator: torch.Generator) -> Rollout:
         """Sample trajectories with the current policy (features kept when the critic replays them)."""
@@ -266,9 +262,7 @@ class LatentActorCritic(L.LightningModule):
                     metrics["train/onpolicy_max_abs_ratio_dev"] = \
                         (log_prob.detach() - rollout.log_probs[i, k]).exp().sub(1).abs().max().item()
                 where = f"inner epoch {epoch}, minibatch {start // hp.minibatch_size}"
-                for _, opt, _ in groups:
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
+                zero_grad(groups)
                 self.backward_loss(terms.loss, f"loss is not finite ({where})")
                 norms = clip_and_step(groups, hp.max_grad_norm,
                                       lambda norm, name: self.require_finite(norm, f"{name} is not finite ({where})"))
@@ -375,6 +369,11 @@ class LatentActorCritic(L.LightningModule):
         if not self.history.evaluations:
             self.evaluation.run(self, "base", 0)
 
+    def on_train_start(self) -> None:  # on resume too: the recipe's learning rates win over the checkpoint's
+        lrs = zip(("actor", "critic"), self.actor_critic_optimizers(), (self.hparams.actor_lr, self.hparams.critic_lr))
+        for message in apply_learning_rates(lrs):
+            self.print(f"[iteration {self.current_epoch}] {message}")
+
     def on_train_epoch_end(self) -> None:
         done = self.current_epoch + 1
         if self.evaluation.is_due(done, last=done >= (self.trainer.max_epochs or 0)):
@@ -385,11 +384,11 @@ class LatentActorCritic(L.LightningModule):
         self.write_summary()
 
     def write_summary(self) -> Path | None:
-        """Write ``summary.json`` into the run's log folder (rank 0, with a logger); return its path."""
-        if not (self.trainer.is_global_zero and self.logger is not None and self.trainer.log_dir is not None):
-            return None
-        return self.history.write_summary(Path(self.trainer.log_dir) / "summary.json", type(self).__name__,
-                                          self.current_epoch, self.hparams.seed)
+        """Write ``summary.json`` (naming ``last.ckpt`` if written) into the run's log folder; return its path."""
+        if self.trainer.is_global_zero and self.logger is not None and self.trainer.log_dir is not None:
+            last = checkpoint_dir(self.trainer) / "last.ckpt"
+            return self.history.write_summary(Path(self.trainer.log_dir) / "summary.json", type(self).__name__,
+                                              self.current_epoch, self.hparams.seed, last if last.is_file() else None)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # what exact resume needs beyond weights (resume.py)
         checkpoint[CHECKPOINT_KEY] = training_state(self)

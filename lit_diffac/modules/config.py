@@ -1,12 +1,15 @@
-"""Validation of an RL module's configuration: every problem in one ``ValueError``."""
+"""Validation of an RL module's configuration: every problem in one :class:`~lit_diffac.errors.ConfigError`
+(a ``ValueError``; ``lit-diffac`` prints it as one ``error:`` line)."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from lit_diffac.errors import ConfigError
+
 
 def check_config(module: Any, reward_weights: Sequence[float] | None, critic_replay: Any) -> None:
-    """Every problem of a module's configuration in one ``ValueError``."""
+    """Every problem of a module's configuration in one :class:`~lit_diffac.errors.ConfigError`."""
     hp, backbone, names = module.hparams, module.backbone, [r.name for r in module.rewards]
     problems = [f"{key} must be >= 1 (got {hp[key]})" for key in ("batch_size", "minibatch_size", "num_inner_epochs")
                 if hp[key] < 1]
@@ -18,6 +21,8 @@ def check_config(module: Any, reward_weights: Sequence[float] | None, critic_rep
         problems.append(f"{len(reward_weights)} reward_weights for {len(names)} rewards {names}")
     if not 0.0 < hp.timestep_fraction <= 1.0:
         problems.append(f"timestep_fraction must be in (0, 1] (got {hp.timestep_fraction})")
+    problems += [f"{key} must be >= 0 (0 freezes that network; got {hp[key]})"
+                 for key in ("actor_lr", "critic_lr") if not hp[key] >= 0]  # `not >=`: NaN fails too
     if not hp.clip_range > 0:
         problems.append(f"clip_range must be > 0 (got {hp.clip_range})")
     if hp.samples_per_prompt < 1 or hp.batch_size % hp.samples_per_prompt:
@@ -38,4 +43,4 @@ def check_config(module: Any, reward_weights: Sequence[float] | None, critic_rep
     if not hp.cfg_scale >= 1.0:
         problems.append(f"cfg_scale must be >= 1 (1 = no guidance; got {hp.cfg_scale})")
     if problems:
-        raise ValueError(f"invalid {type(module).__name__} config: " + "; ".join(problems))
+        raise ConfigError(f"invalid {type(module).__name__} config: " + "; ".join(problems))

@@ -13,6 +13,11 @@ Wire format (version 1), one ``POST`` per chunk of ``batch_size`` images:
 * response, same content type: ``{"scores": [0.7, null, ...]}``, one number per image (``null`` → NaN,
   which the training loop masks), or an HTTP error status with ``{"error": "message"}``.
 
+Authentication is optional: a server started with a shared token answers HTTP 401 unless the request
+carries ``Authorization: Bearer <token>`` (``RemoteReward(token_env="REWARD_TOKEN")`` sends it).
+Redirects are followed only to the same scheme, host and port (re-sending the ``POST``); a redirect to any
+other origin fails with :class:`RemoteRewardError`, so neither the images nor the token go elsewhere.
+
 :mod:`lit_diffac.rewards.server` is a minimal reference server for this format.
 """
 
@@ -21,9 +26,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
 import socket
+import struct
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Literal
 
@@ -35,13 +44,41 @@ from torch import Tensor
 from lit_diffac.rewards.base import Reward
 from lit_diffac.rewards.clip import quantize
 
-__all__ = ["RemoteReward", "RemoteRewardError", "encode_png", "decode_png", "pack", "unpack", "CONTENT_TYPES"]
+__all__ = ["RemoteReward", "RemoteRewardError", "ImageTooLargeError", "encode_png", "decode_png", "png_size",
+           "pack", "unpack", "CONTENT_TYPES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_REQUEST_PIXELS"]
 
 CONTENT_TYPES = {"json": "application/json", "msgpack": "application/msgpack"}
+
+#: Largest image :func:`decode_png` decodes by default: 2048 x 2048 pixels (1024 x 1024 images pass).
+DEFAULT_MAX_PIXELS = 2048 * 2048
+#: Largest total over the images of one request by default: 64 images of 1024 x 1024.
+DEFAULT_MAX_REQUEST_PIXELS = 64 * 1024 * 1024
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_REDIRECT_CODES = (301, 302, 303, 307, 308)
+_MAX_REDIRECTS = 5
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: it travels in an HTTP header
 
 
 class RemoteRewardError(RuntimeError):
     """The reward server answered with an error, or an unusable answer."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image (or a request's images together) has more pixels than the decoder accepts; ``limit`` names
+    the setting: ``"max_pixels"`` (one image) or ``"max_request_pixels"`` (a request's images together)."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+def check_token(token: str, what: str = "token") -> str:
+    """``token`` if it can travel as ``Authorization: Bearer <token>``, else a ValueError saying why."""
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise ValueError(f"{what} must be a non-empty string of printable ASCII characters without spaces "
+                         "(e.g. the output of: python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
+    return token
 
 
 def _msgpack() -> Any:
@@ -64,13 +101,51 @@ def encode_png(images: Tensor) -> list[bytes]:
     return out
 
 
-def decode_png(blobs: list[bytes]) -> Tensor:
-    """PNG bytes → ``[B, 3, H, W]`` float32 in [0, 1] (all images must have the same size)."""
-    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
-    if len({a.shape for a in arrays}) > 1:
-        raise ValueError(f"images of different sizes in one request: {sorted({a.shape for a in arrays})}")
-    if not arrays:
+def png_size(blob: bytes) -> tuple[int, int]:
+    """``(width, height)`` from a PNG's header, without decoding it (ValueError if it is not a PNG)."""
+    if not isinstance(blob, (bytes, bytearray)) or len(blob) < 24 or blob[:8] != _PNG_SIGNATURE \
+            or blob[12:16] != b"IHDR":
+        raise ValueError("not a PNG image")
+    width, height = struct.unpack(">II", bytes(blob[16:24]))
+    return width, height
+
+
+def decode_png(blobs: list[bytes], max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_total_pixels: int | None = DEFAULT_MAX_REQUEST_PIXELS) -> Tensor:
+    """PNG bytes → ``[B, 3, H, W]`` float32 in [0, 1] (all images must have the same size).
+
+    Every image's size is read from its header before anything is decoded: an image over ``max_pixels``
+    pixels, or images over ``max_total_pixels`` together, raise :class:`ImageTooLargeError` without
+    allocating them (a small PNG can declare a huge image: a decompression bomb).  ``None``: no limit.
+    """
+    sizes = []
+    for i, blob in enumerate(blobs):
+        try:
+            width, height = png_size(blob)
+        except ValueError:
+            raise ValueError(f"image {i} is not a PNG (the wire format sends RGB PNGs)") from None
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(f"image {i} is {width}x{height} = {width * height} pixels, over the limit of "
+                                     f"{max_pixels} pixels per image", "max_pixels")
+        sizes.append((width, height))
+    if len(set(sizes)) > 1:
+        raise ValueError("images of different sizes in one request: "
+                         + ", ".join(f"{w}x{h}" for w, h in sorted(set(sizes))))
+    total = sum(w * h for w, h in sizes)
+    if max_total_pixels is not None and total > max_total_pixels:
+        raise ImageTooLargeError(f"{len(sizes)} images of {sizes[0][0]}x{sizes[0][1]} are {total} pixels, over the "
+                                 f"limit of {max_total_pixels} pixels per request", "max_request_pixels")
+    if not sizes:
         return torch.zeros(0, 3, 0, 0)
+    arrays = []
+    for i, (blob, size) in enumerate(zip(blobs, sizes)):
+        try:
+            with Image.open(io.BytesIO(blob), formats=["PNG"]) as image:
+                if image.size != size:
+                    raise ValueError(f"its header says {size[0]}x{size[1]}, the decoder {image.size}")
+                arrays.append(np.asarray(image.convert("RGB")))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(f"image {i} cannot be decoded: {err}") from None
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -117,7 +192,9 @@ class RemoteReward(Reward):
     Each chunk of ``batch_size`` images is one request.  Connection failures, timeouts and HTTP 5xx
     answers are retried ``retries`` times with exponential backoff (``backoff``, ``2 * backoff``, ...,
     at most ``max_backoff`` seconds); HTTP 4xx answers (a bad request) are not.  When the server cannot
-    be reached, the error names the URL.
+    be reached, the error names the URL.  A redirect is followed (re-sending the ``POST``, at most 5 times)
+    only to the same scheme, host and port; a redirect anywhere else raises :class:`RemoteRewardError`
+    naming the target, so that neither the images nor the token leave for a host the recipe did not name.
 
     Args:
         url: the endpoint, e.g. ``"http://127.0.0.1:8000/score"``.
@@ -126,7 +203,12 @@ class RemoteReward(Reward):
         retries: extra attempts after a failed one.
         backoff: seconds before the first retry (doubled each time).
         max_backoff: cap on the wait between retries.
-        headers: extra HTTP headers (e.g. ``{"Authorization": "Bearer ..."}``).
+        headers: extra HTTP headers.
+        token: shared token of a server that requires one, sent as ``Authorization: Bearer <token>``.
+            A recipe should rather name an environment variable with ``token_env``: a recipe's values
+            are saved with the run (``config.yaml``).
+        token_env: name of the environment variable holding the token (read when the reward is built;
+            an unset variable fails there).
         send_metadata: send the per-sample metadata (e.g. GenEval's object lists) with the request.
         name: metric key (default ``"remote"``; name it after the scorer, e.g. ``"geneval"``).
         batch_size, device: see :class:`~lit_diffac.rewards.base.Reward`.
@@ -137,7 +219,8 @@ class RemoteReward(Reward):
     def __init__(self, url: str, format: Literal["json", "msgpack"] = "json", timeout: float = 60.0,
                  retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0,
                  headers: dict[str, str] | None = None, send_metadata: bool = True, name: str | None = None,
-                 batch_size: int | None = None, device: str | None = None) -> None:
+                 batch_size: int | None = None, device: str | None = None, token: str | None = None,
+                 token_env: str | None = None) -> None:
         super().__init__(name=name, batch_size=batch_size, device=device)
         if format not in CONTENT_TYPES:
             raise ValueError(f"format must be 'json' or 'msgpack', got {format!r}")
@@ -155,20 +238,41 @@ class RemoteReward(Reward):
         self.max_backoff = float(max_backoff)
         self.headers = dict(headers or {})
         self.send_metadata = send_metadata
+        self.token_env = token_env
+        if token is not None and token_env is not None:
+            raise ValueError("give the token either as token or as token_env, not both")
+        if token_env is not None:
+            token = os.environ.get(token_env)
+            if not token:
+                raise ValueError(f"RemoteReward: the environment variable {token_env!r} (token_env) is not set or "
+                                 f"empty: export {token_env}=<the reward server's token>")
+            check_token(token, f"the token in ${token_env}")
+        elif token is not None:
+            check_token(token)
+        if token is not None and any(k.lower() == "authorization" for k in self.headers):
+            raise ValueError("give the token either as token/token_env or as an Authorization header, not both")
+        self._token = token  # not shown by repr(); never written to logs
 
     def _post(self, body: bytes) -> bytes:
         headers = {"Content-Type": CONTENT_TYPES[self.format], "Accept": CONTENT_TYPES[self.format], **self.headers}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
         last: str = ""
         attempts = self.retries + 1
         for attempt in range(attempts):
             if attempt:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
+                return self._post_once(body, headers)
             except urllib.error.HTTPError as err:
                 detail = _error_detail(err, self.format)
+                if err.code == 401:
+                    hint = ("; give RemoteReward the server's token (token_env=NAME of an environment variable "
+                            "holding it, or token=...)"
+                            if self._token is None and not any(k.lower() == "authorization" for k in self.headers)
+                            else "; check that the token is the server's")
+                    raise RemoteRewardError(f"reward {self.name!r}: the server at {self.url} refused the request "
+                                            f"(HTTP 401): {detail}{hint}") from err
                 if err.code < 500:
                     raise RemoteRewardError(f"reward {self.name!r}: the server at {self.url} rejected the request "
                                             f"(HTTP {err.code}): {detail}") from err
@@ -182,6 +286,32 @@ class RemoteReward(Reward):
         raise ConnectionError(f"reward {self.name!r}: cannot get scores from {self.url} after {attempts} "
                               f"attempt(s) ({last}). Is the reward server running and reachable? (the reference "
                               "server: python -m lit_diffac.rewards.server --help)")
+
+    def _post_once(self, body: bytes, headers: dict[str, str]) -> bytes:
+        """One ``POST``, following redirects within the same origin only."""
+        url = self.url
+        for _ in range(_MAX_REDIRECTS + 1):
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            try:
+                with _OPENER.open(request, timeout=self.timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as err:
+                if err.code not in _REDIRECT_CODES:
+                    raise
+                location = err.headers.get("Location")
+                err.close()
+                if not location:
+                    raise RemoteRewardError(f"reward {self.name!r}: the server at {url} answered HTTP {err.code} "
+                                            "(a redirect) without a Location") from None
+                target = urllib.parse.urljoin(url, location)
+                if _origin(target) != _origin(url):
+                    raise RemoteRewardError(
+                        f"reward {self.name!r}: the server at {url} redirected the request (HTTP {err.code}) to "
+                        f"{target}, another host; RemoteReward follows redirects only to the same scheme, host and "
+                        "port, so that neither the images nor the token are sent elsewhere: if that server is the "
+                        f"one to use, set url={target!r}") from None
+                url = target
+        raise RemoteRewardError(f"reward {self.name!r}: more than {_MAX_REDIRECTS} redirects from {self.url}")
 
     def score(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
         payload: dict[str, Any] = {"prompts": list(prompts), "images": encode_png(images)}
@@ -201,6 +331,26 @@ class RemoteReward(Reward):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, url={self.url!r}, format={self.format!r}"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Hand every redirect back to :meth:`RemoteReward._post_once`, which decides where it may go."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # an invalid port: never the same origin as a valid URL
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
 
 
 def _error_detail(err: urllib.error.HTTPError, fmt: Literal["json", "msgpack"]) -> str:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from lit_diffac.errors import ConfigError
+
 __all__ = ["StepOutput", "Sampler", "gaussian_log_prob", "per_sample", "expand_like"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -159,7 +161,8 @@ class Sampler(abc.ABC):
 
     def __init__(self, num_steps: int = 10) -> None:
         if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+            raise ConfigError(f"invalid {type(self).__name__}: num_steps must be an integer >= 1 "
+                              f"(got {num_steps!r})")
         self.num_steps = int(num_steps)
         self.num_train_timesteps: int | None = None
         self._timesteps: torch.Tensor | None = None

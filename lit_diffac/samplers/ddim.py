@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lit_diffac.errors import ConfigError
+
 from .base import Sampler, StepOutput, expand_like, per_sample, sample_or_score
 
 __all__ = ["ddim_step_with_logprob", "DDIMSampler", "trailing_timesteps"]
@@ -150,7 +152,7 @@ class DDIMSampler(Sampler):
     def __init__(self, num_steps: int = 10, eta: float = 1.0) -> None:
         super().__init__(num_steps)
         if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta!r}")
+            raise ConfigError(f"invalid DDIMSampler: eta must be >= 0 (got {eta!r})")
         self.eta = float(eta)
         self.prediction_type = "epsilon"
         self.clip_sample = False
@@ -166,9 +168,10 @@ class DDIMSampler(Sampler):
         from diffusers import DDIMScheduler
 
         if not isinstance(scheduler, DDIMScheduler):
-            raise ValueError(
+            raise ConfigError(
                 f"DDIMSampler needs a diffusers.DDIMScheduler, got {type(scheduler).__name__}; "
-                "convert it with DDIMScheduler.from_config(scheduler.config)"
+                "convert it with DDIMScheduler.from_config(scheduler.config) (a flow-matching backbone "
+                "such as DiTBackbone takes FlowSDESampler)"
             )
         config = scheduler.config
         if config.prediction_type not in _PREDICTION_TYPES:
@@ -177,7 +180,8 @@ class DDIMSampler(Sampler):
             raise ValueError("DDIMSampler does not support dynamic thresholding (config.thresholding=True)")
         T, K = int(config.num_train_timesteps), self.num_steps
         if K > T:
-            raise ValueError(f"num_steps={K} exceeds the scheduler's num_train_timesteps={T}")
+            raise ConfigError(f"invalid DDIMSampler: num_steps={K} exceeds the scheduler's "
+                              f"num_train_timesteps={T}")
 
         alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)
         final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)

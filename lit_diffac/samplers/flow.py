@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from lit_diffac.errors import ConfigError
+
 from .base import Sampler, StepOutput, expand_like, per_sample, sample_or_score
 
 __all__ = ["flow_sde_step_with_logprob", "FlowSDESampler"]
@@ -107,7 +109,7 @@ class FlowSDESampler(Sampler):
     def __init__(self, num_steps: int = 10, noise_level: float = 0.7, mu: float | None = None) -> None:
         super().__init__(num_steps)
         if not noise_level >= 0:
-            raise ValueError(f"noise_level must be >= 0, got {noise_level!r}")
+            raise ConfigError(f"invalid FlowSDESampler: noise_level must be >= 0 (got {noise_level!r})")
         self.noise_level = float(noise_level)
         self.mu = mu
 
@@ -125,14 +127,14 @@ class FlowSDESampler(Sampler):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-            raise ValueError(
+            raise ConfigError(
                 "FlowSDESampler needs a diffusers.FlowMatchEulerDiscreteScheduler, "
-                f"got {type(scheduler).__name__}"
+                f"got {type(scheduler).__name__} (a DDIM backbone such as UNetBackbone takes DDIMSampler)"
             )
         if scheduler.config.invert_sigmas:
             raise ValueError("FlowSDESampler does not support invert_sigmas=True schedulers")
         if scheduler.config.use_dynamic_shifting and self.mu is None:
-            raise ValueError("the scheduler uses dynamic shifting: pass FlowSDESampler(mu=...)")
+            raise ConfigError("the scheduler uses dynamic shifting: pass FlowSDESampler(mu=...)")
         scheduler = copy.deepcopy(scheduler)
         scheduler.set_timesteps(self.num_steps, device="cpu", mu=self.mu)
         sigmas = scheduler.sigmas.detach().to("cpu", torch.float32)

@@ -23,17 +23,35 @@ def save_value_head(head: nn.Module, path: str | Path, **metadata) -> Path:
 def load_value_head(head: nn.Module, path: str | Path) -> nn.Module:
     """Load weights saved by :func:`save_value_head` into ``head`` (same architecture), in place.
 
+    The file is read with safetensors (no pickle: nothing in it can run code).
+
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: the file's weights do not fit ``head`` (other taps, width or number of rewards).
+        lit_diffac.checkpoints.CorruptCheckpointError: the file is not a readable safetensors file (truncated,
+            damaged, or another format such as a pickle) or holds non-finite weights.
     """
+    from safetensors import SafetensorError
+
+    from lit_diffac.checkpoints import CorruptCheckpointError
+
+    fix = "write it again with the ValuePretraining recipe that made it, or drop init_from"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from: no value-head file at {path} (write one with a ValuePretraining "
                                 "recipe, e.g. recipes/toy/value_pretrain_dit.yaml)")
-    state = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        saved_class = (f.metadata() or {}).get("class", "?")
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            saved_class = (f.metadata() or {}).get("class", "?")
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:160]
+        raise CorruptCheckpointError(f"init_from {path} is corrupt or truncated, or not a safetensors file "
+                                     f"({reason}); {fix}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise CorruptCheckpointError(f"init_from {path} is corrupt (non-finite values in {bad[0]}"
+                                     f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}); {fix}")
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as err:
