@@ -24,9 +24,17 @@ A recipe is a LightningCLI YAML file::
 Overrides use dotted keys (``--trainer.max_steps=3 --model.init_args.lr=1e-4``).  ``data:`` is optional:
 the RL modules generate their own prompts.  Defaults that differ from plain ``LightningCLI``:
 
+* the current folder is on ``sys.path``, as with ``python -m lit_diffac``: ``class_path: my_rewards.Saturation``
+  finds ``./my_rewards.py``;
 * ``seed_everything`` is ``0`` (runs are reproducible unless the recipe says otherwise);
 * the logger is TensorBoard under ``runs/<name>/version_<n>``, with ``<name>`` the recipe file's stem
-  (``lit_diffac`` when there is no recipe);
+  (``lit_diffac`` when there is no recipe); with ``--trainer.logger=false`` the run folder (``config.yaml``,
+  ``checkpoints/``) is ``runs/<name>`` instead of the current folder (unless ``trainer.default_root_dir`` is set);
+* ``--trainer.enable_checkpointing=false`` drops the recipe's ``ModelCheckpoint`` callbacks (with a note)
+  instead of failing;
+* a ``ModelCheckpoint`` ``filename`` may use ``{iteration}``: the number of completed iterations (epochs), e.g.
+  ``filename: "iteration={iteration}"`` with ``auto_insert_metric_name: false`` names the checkpoint written
+  after 50 iterations ``iteration=50.ckpt`` (``{epoch}`` would say 49: Lightning counts epochs from 0);
 * optimisers come from the module's own ``configure_optimizers`` (no ``--optimizer`` options);
 * recipe errors (unknown or mistyped keys, wrong types) are reported as a single line naming the key, with
   the closest valid key, e.g. ``error: unknown key 'model.init_args.lrr' in recipe.yaml (did you mean
@@ -37,22 +45,27 @@ is ``summary: <absolute path>``.
 
 Commands that are not Lightning entry points (sampling, exporting, ...) register themselves in
 :data:`EXTRA_COMMANDS`; ``main`` dispatches them before ``LightningCLI`` is built.
+
+This module imports no Lightning at import time (``lit-diffac --help``, ``sample --help`` and ``export --help``
+answer without it): :class:`LitDiffacCLI` is built on first use (module ``__getattr__``), and
+``RecipeArgumentParser`` / ``format_parser_error`` come from :mod:`lit_diffac.cli_errors` the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+if TYPE_CHECKING:  # imported lazily at run time (see the module docstring)
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lit_diffac.cli_errors import (RecipeArgumentParser, closest, config_paths, format_parser_error,
-                                   missing_file_cause)
-from lit_diffac.errors import find_user_error
+    from lit_diffac.cli_errors import RecipeArgumentParser, format_parser_error  # noqa: F401 - re-exported
 
 __all__ = [
     "DEFAULT_RUN_NAME",
@@ -116,10 +129,11 @@ EXTRA_COMMANDS["convert-reward"] = lazy_command("lit_diffac.rewards.convert:conv
 
 
 def tensorboard_logger(name: str = DEFAULT_RUN_NAME, save_dir: str = "runs") -> dict[str, Any]:
-    """The default ``trainer.logger``: a TensorBoard logger writing to ``<save_dir>/<name>/version_<n>``."""
+    """The default ``trainer.logger``: a TensorBoard logger writing to ``<save_dir>/<name>/version_<n>``
+    (no ``hp_metric = -1`` placeholder: the RL modules write the final held-out accuracy to the HParams tab)."""
     return {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": save_dir, "name": name},
+        "init_args": {"save_dir": save_dir, "name": name, "default_hp_metric": False},
     }
 
 
@@ -128,7 +142,7 @@ def tensorboard_logger(name: str = DEFAULT_RUN_NAME, save_dir: str = "runs") -> 
 # --------------------------------------------------------------------------------------------------------
 
 
-class LitDiffacCLI(LightningCLI):
+class LitDiffacCLIMethods:
     """``LightningCLI`` configured for lit_diffac recipes.
 
     * ``model`` is any ``LightningModule`` (``class_path`` + ``init_args``); ``data`` is optional;
@@ -145,12 +159,18 @@ class LitDiffacCLI(LightningCLI):
         run_name: default TensorBoard run name (the logger's ``name``).
         help_command: command to suggest in error tips (default ``lit-diffac <subcommand>``).
         **kwargs: passed on to :class:`~lightning.pytorch.cli.LightningCLI` (override the defaults above).
+
+    (These are :class:`LitDiffacCLI`'s methods; ``LitDiffacCLI`` itself, this class plus ``LightningCLI``, is
+    built on first use so that importing :mod:`lit_diffac.cli` does not import Lightning.)
     """
 
     def __init__(self, args: list[str] | None = None, run_name: str = DEFAULT_RUN_NAME,
                  help_command: str | None = None, **kwargs: Any) -> None:
+        from lit_diffac.cli_errors import RecipeArgumentParser
+
         self._argv = list(sys.argv[1:] if args is None else args)
         self._help_command = help_command
+        self._run_name = run_name
         trainer_defaults = {"logger": tensorboard_logger(run_name), **kwargs.pop("trainer_defaults", {})}
         mode = {"parser_mode": "omegaconf"}
         parser_kwargs = {"prog": PROG, **mode, **{name: dict(mode) for name in self.subcommands()}}
@@ -170,6 +190,9 @@ class LitDiffacCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """Build the recipe's objects; a missing file (weights, pipeline, prompts) becomes one clear error line."""
+        from lit_diffac.cli_errors import missing_file_cause
+        from lit_diffac.errors import find_user_error
+
         try:
             super().instantiate_classes()
         except Exception as err:  # noqa: BLE001 - re-raised unless a missing file explains it
@@ -182,18 +205,35 @@ class LitDiffacCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]):
         """``--trainer.enable_progress_bar=false`` also drops a progress bar the recipe lists in
-        ``trainer.callbacks`` (Lightning would refuse the combination).
+        ``trainer.callbacks``, and ``--trainer.enable_checkpointing=false`` its ``ModelCheckpoint`` callbacks
+        (with a note; Lightning would refuse either combination).  Without a logger (``--trainer.logger=false``)
+        the run folder (``config.yaml``, ``checkpoints/``) is ``runs/<run_name>``, not the current folder, unless
+        ``default_root_dir`` is set.  A ``ModelCheckpoint`` ``filename`` may use ``{iteration}`` (completed
+        iterations: ``epoch + 1`` at the end of an epoch).
 
         Every checkpoint the trainer reads is weights-only and checked (``--ckpt_path`` files and URLs, also for
         ``validate``/``test``), and every one it writes carries tensor checksums: a
         :class:`~lit_diffac.checkpoints.SafeCheckpointIO` is added unless the recipe names its own
         ``CheckpointIO``, and the strategy's ``load_checkpoint`` always passes ``weights_only=True``."""
+        from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
         from lit_diffac.checkpoints import guard_strategy, safe_checkpoint_plugins
 
-        if config.get("enable_progress_bar") is False and isinstance(config.get("callbacks"), list):
-            from lightning.pytorch.callbacks import ProgressBar
-
-            config["callbacks"] = [c for c in config["callbacks"] if not isinstance(c, ProgressBar)]
+        listed = config.get("callbacks")
+        if listed is not None and not isinstance(listed, list):
+            listed = config["callbacks"] = [listed]
+        if config.get("enable_progress_bar") is False and listed:
+            listed = config["callbacks"] = [c for c in listed if not isinstance(c, ProgressBar)]
+        if config.get("enable_checkpointing") is False and listed:
+            dropped = [c for c in listed if isinstance(c, ModelCheckpoint)]
+            if dropped:
+                listed = config["callbacks"] = [c for c in listed if not isinstance(c, ModelCheckpoint)]
+                print(f"note: enable_checkpointing=false: dropped the recipe's {len(dropped)} ModelCheckpoint "
+                      "callback(s); no checkpoint is written", file=sys.stderr, flush=True)
+        if any(isinstance(c, ModelCheckpoint) and "{iteration" in (c.filename or "") for c in listed or []):
+            callbacks = [*callbacks, _iteration_metric()]
+        if config.get("logger") in (None, False) and config.get("default_root_dir") is None:
+            config["default_root_dir"] = str(Path("runs") / self._run_name)
         config["plugins"] = safe_checkpoint_plugins(config.get("plugins"), config.get("strategy"),
                                                     config.get("accelerator"))
         trainer = super()._instantiate_trainer(config, callbacks)
@@ -211,6 +251,8 @@ class LitDiffacCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """``fit``, ``validate`` and ``test`` (sampling is a separate command, not ``predict``)."""
+        from lightning.pytorch.cli import LightningCLI
+
         subcommands = dict(LightningCLI.subcommands())
         subcommands.pop("predict", None)
         return subcommands
@@ -223,6 +265,8 @@ class LitDiffacCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse ``args`` (never ``sys.argv``: :func:`main` passes it) with readable errors."""
+        from lit_diffac.cli_errors import RecipeArgumentParser, config_paths, format_parser_error
+
         subcommand = self._argv[0] if self._argv and not self._argv[0].startswith("-") else None
         help_command = self._help_command or " ".join(filter(None, [PROG, subcommand]))
 
@@ -291,6 +335,69 @@ class LitDiffacCLI(LightningCLI):
             print(f"summary: {summary.resolve()}", flush=True)
 
 
+def _import_lightning() -> None:
+    """Import Lightning (its CLI module) on first use.
+
+    Lightning gives its ``lightning`` logger a ``StreamHandler`` bound to ``sys.stderr`` *as it is at import
+    time*.  Imported here lazily, that can be a stream an in-process caller put there for the moment and closes
+    later (pytest's ``capsys``, ``contextlib.redirect_stderr``): every later Lightning log line would then fail
+    ("--- Logging error ---").  So the handler is bound to the process's own stderr, as when Lightning is
+    imported at start-up.
+    """
+    if "lightning.pytorch.cli" in sys.modules:
+        return
+    swap = "lightning" not in sys.modules and sys.__stderr__ is not None and sys.stderr is not sys.__stderr__
+    saved, sys.stderr = sys.stderr, (sys.__stderr__ if swap else sys.stderr)
+    try:
+        importlib.import_module("lightning.pytorch.cli")
+    finally:
+        sys.stderr = saved
+
+
+@functools.cache
+def _cli_class() -> type[LightningCLI]:
+    """:class:`LitDiffacCLI`: :class:`LitDiffacCLIMethods` on ``LightningCLI`` (imports Lightning)."""
+    _import_lightning()
+    from lightning.pytorch.cli import LightningCLI
+
+    class LitDiffacCLI(LitDiffacCLIMethods, LightningCLI):
+        __doc__ = LitDiffacCLIMethods.__doc__
+
+    LitDiffacCLI.__module__ = __name__
+    LitDiffacCLI.__qualname__ = "LitDiffacCLI"
+    return LitDiffacCLI
+
+
+def _iteration_metric() -> Any:
+    """A callback that puts ``iteration`` (completed iterations, i.e. epochs) into ``trainer.callback_metrics``
+    for ``ModelCheckpoint(filename="iteration={iteration}", auto_insert_metric_name=False)``: at the end of
+    epoch index 49 it is 50 (Lightning runs ``ModelCheckpoint`` callbacks after the others)."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class IterationMetric(Callback):
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            trainer.callback_metrics["iteration"] = torch.tensor(trainer.current_epoch)
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            trainer.callback_metrics["iteration"] = torch.tensor(trainer.current_epoch + 1)
+
+    return IterationMetric()
+
+
+def __getattr__(name: str) -> Any:
+    """``LitDiffacCLI``, ``RecipeArgumentParser`` and ``format_parser_error``, imported on first use (they
+    need Lightning, which ``lit-diffac --help`` and the non-Lightning commands do without)."""
+    if name == "LitDiffacCLI":
+        return _cli_class()
+    if name in ("RecipeArgumentParser", "format_parser_error"):
+        _import_lightning()
+        from lit_diffac import cli_errors
+
+        return getattr(cli_errors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def resume_latest_version(trainer: Any) -> str:
     """Point the trainer's logger at the newest ``version_<n>`` holding a ``checkpoints/last*.ckpt``.
 
@@ -351,6 +458,9 @@ def run_help() -> str:
 
 
 def _config_stem(argv: list[str]) -> str | None:
+    _import_lightning()  # before cli_errors, which imports it
+    from lit_diffac.cli_errors import config_paths
+
     configs = config_paths(argv)
     return Path(configs[0]).stem if configs else None
 
@@ -376,13 +486,21 @@ def main(args: list[str] | None = None) -> int:
         0 on success.  Failures raise ``SystemExit`` with a non-zero status (2 for usage and recipe
         errors, as argparse does; an extra command's own status otherwise), and ``--help`` of a
         subcommand raises ``SystemExit(0)``, so ``python -m lit_diffac`` exits correctly too.
-    """
-    from lit_diffac.cli_errors import user_error_message  # noqa: PLC0415 - the one error-formatting module
 
+    The current folder is put first on ``sys.path`` while the command runs, as ``python -m`` does, so that a
+    recipe's ``class_path: my_rewards.Saturation`` finds ``./my_rewards.py`` from the console script too.
+    """
     argv = list(sys.argv[1:] if args is None else args)
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         return _dispatch(argv)
     except Exception as err:
+        _import_lightning()  # before cli_errors, which imports it
+        from lit_diffac.cli_errors import user_error_message  # noqa: PLC0415 - the one error-formatting module
+
         # A LitDiffacError anywhere in the chain, or a lit_diffac constructor's own ValueError while the
         # recipe's objects were built (e.g. an out-of-range argument): one line, not a traceback.
         message = user_error_message(err)
@@ -391,6 +509,9 @@ def main(args: list[str] | None = None) -> int:
         sys.stderr.flush()
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2) from None
+    finally:  # callers in the same process (tests, notebooks) get their sys.path back
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -399,6 +520,9 @@ def _dispatch(argv: list[str]) -> int:
         sys.stderr.write(top_level_help())
         raise SystemExit(2)
     command = argv[0]
+    asks_help = command in ("-h", "--help") or (command in EXTRA_COMMANDS and {"-h", "--help"} & set(argv[1:]))
+    if not asks_help:  # every other command builds Lightning objects: import it first, as at start-up
+        _import_lightning()
     if command in EXTRA_COMMANDS:
         status = int(EXTRA_COMMANDS[command](argv[1:]) or 0)
         if status:
@@ -409,6 +533,9 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     known = ["run", *LIGHTNING_COMMANDS, *EXTRA_COMMANDS]
     if not command.startswith("-") and command not in known:
+        _import_lightning()  # before cli_errors, which imports it
+        from lit_diffac.cli_errors import closest
+
         hint = closest(command, known)
         tail = f" (did you mean '{hint}'?)" if hint else ""
         sys.stderr.write(f"tip: list the commands with: {PROG} --help\n"
@@ -422,7 +549,7 @@ def _dispatch(argv: list[str]) -> int:
         if rest and rest[0] in ("-h", "--help"):
             sys.stdout.write(run_help())
             sys.stdout.flush()
-            LitDiffacCLI(args=["fit", "--help"])
+            _cli_class()(args=["fit", "--help"])
             return 0  # not reached: --help exits
         if rest and not rest[0].startswith("-") and not Path(rest[0]).is_file():
             sys.stderr.write(f"error: recipe file not found: '{rest[0]}'\n")
@@ -435,7 +562,7 @@ def _dispatch(argv: list[str]) -> int:
         argv = ["fit", "--config", rest[0], *rest[1:]]
         help_command = f"{PROG} run {rest[0]}"
     run_name = _config_stem(argv[1:]) or DEFAULT_RUN_NAME
-    LitDiffacCLI(args=argv, run_name=run_name, help_command=help_command)
+    _cli_class()(args=argv, run_name=run_name, help_command=help_command)
     return 0
 
 

@@ -9,7 +9,11 @@ jsonargparse to the tested minor (each message form has a test in tests/test_err
 component that failed to build; :func:`user_error_message` finds the one-line message of an error a user can
 fix (a :class:`~lit_diffac.errors.LitDiffacError`, or a ``ValueError`` that a lit_diffac constructor raised
 while the recipe's objects were built); :class:`RecipeArgumentParser` prints that one line instead of the
-usage.
+usage.  When a recipe's ``class_path`` fails to import because of its module's own code (a package it imports
+is not installed, an exception at import time), jsonargparse reports only the bare exception text:
+:func:`import_problem` imports the recipe's modules again to name the file, line and cause.
+
+Lightning is imported by this module (``RecipeArgumentParser``): :mod:`lit_diffac.cli` imports it lazily.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from lit_diffac.errors import find_user_error
 
+PROG = "lit-diffac"
 
 _NOISE = re.compile(r"^(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Given value "
                     r"|Subclass types expect one of:|a class path \(str\)$"
@@ -317,6 +322,74 @@ def user_error_message(err: BaseException) -> str | None:
     return message
 
 
+def _class_paths(argv: list[str], message: str) -> list[tuple[str | None, str]]:
+    """``(key, class_path)`` of every ``class_path`` in the recipe files (keys like ``model.init_args.rewards``),
+    then those named in overrides or in jsonargparse's message (key unknown: ``None``)."""
+    found: list[tuple[str | None, str]] = []
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("class_path"), str):
+                found.append((key, node["class_path"]))
+            for name, value in node.items():
+                if name != "class_path":
+                    walk(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, key)
+
+    for path in config_paths(argv):
+        try:
+            walk(yaml.safe_load(Path(path).read_text()), "")
+        except Exception:  # noqa: BLE001 - only for the import diagnosis
+            continue
+    text = "\n".join([*argv, message])
+    for match in re.finditer(r"""class_path['"]?\s*[:=]\s*['"]?([A-Za-z_][\w.]*)""", text):
+        found.append((None, match.group(1)))
+    return found
+
+
+def import_problem(class_path: str) -> str | None:
+    """Why the module of ``class_path`` fails to import, when the failure is *inside* it: an exception its
+    code raised, or a package it imports that is not installed, e.g. ``my_rewards.py, line 2: No module named
+    'skimage' (my_rewards imports a package that is not installed)``.  ``None`` when it imports (or is itself
+    not found, or already imported).  Imports the module: only call it on an error path."""
+    module_name = class_path.rpartition(".")[0]
+    if not module_name or module_name in sys.modules:
+        return None
+    try:
+        importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            return None  # the module itself is missing: the caller says "no module named ..."
+        problem = (f"No module named '{err.name}' ({module_name} imports a package that is not installed)"
+                   if err.name else one_line(str(err)))
+        tb = err.__traceback__
+    except Exception as err:  # noqa: BLE001 - whatever the user's module raised at import time
+        problem = f"{type(err).__name__}: {one_line(str(err))}"
+        tb = err.__traceback__
+    else:
+        return None
+    # The module's own line that failed: its first top-level ("<module>") frame.
+    frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith("<frozen")]
+    frame = next((f for f in frames if f.name == "<module>"), frames[-1] if frames else None)
+    if frame is None:
+        return problem
+    path = Path(frame.filename).resolve()
+    shown = path.relative_to(Path.cwd().resolve()) if Path.cwd().resolve() in path.parents else path
+    return f"{shown}, line {frame.lineno}: {problem}"
+
+
+def _import_failure(leaf_key: str, argv: list[str], message: str) -> str | None:
+    """The one-line error for a recipe ``class_path`` whose module raised while it was imported, if any."""
+    for key, class_path in _class_paths(argv, message):
+        problem = import_problem(class_path)
+        if problem is not None:
+            key = key or leaf_key
+            return f"cannot import class_path '{class_path}' for '{key}'{_where(key, argv)}: {problem}"
+    return None
+
+
 def format_parser_error(message: str, valid_keys: list[str] | None = None,
                         argv: list[str] | None = None) -> str:
     """Turn a jsonargparse error message into one readable line naming the offending key.
@@ -339,6 +412,12 @@ def format_parser_error(message: str, valid_keys: list[str] | None = None,
     leaf = _walk_message(message)
     if leaf is None:
         return message
+    if leaf.kind in ("module", "attribute", "other"):
+        # jsonargparse reports an exception raised while a class_path's module was imported as that
+        # exception's bare text ("boom", "No module named 'skimage'"): import the recipe's modules to say so.
+        failure = _import_failure(leaf.key, argv, message)
+        if failure is not None:
+            return failure
     m = leaf.match
     if leaf.kind == "unrecognized":
         keys = [a[2:].split("=", 1)[0] for a in m["args"].split() if a.startswith("--")]
@@ -383,8 +462,12 @@ def format_parser_error(message: str, valid_keys: list[str] | None = None,
                 f"'{leaf.key}'{_where(leaf.key, argv)}")
     if leaf.kind == "module":
         class_path = leaf.classes[-1] if leaf.classes else m["module"]
+        hint = ""
+        if "." not in m["module"]:  # a top-level module: most often the user's own file, not found
+            hint = (f" (run {PROG} from the folder that holds {m['module']}.py, or add that folder to "
+                    "PYTHONPATH)")
         return (f"cannot import class_path '{class_path}' for '{leaf.key}'{_where(leaf.key, argv)}: "
-                f"no module named '{m['module']}'")
+                f"no module named '{m['module']}'{hint}")
     if leaf.key:
         return f"invalid value for '{leaf.key}'{_where(leaf.key, argv)}: {m.group(0)}"
     return message

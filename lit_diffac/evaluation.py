@@ -214,7 +214,20 @@ class HeldOutEvaluation:
     @torch.no_grad()
     def measure(self, backbone: DiffusionBackbone, sampler: Sampler, training_rewards: Sequence,
                 device: torch.device | str | None = None) -> dict[str, float]:
-        """Generate the evaluation images with the policy and return every ``eval/…`` metric."""
+        """Generate the evaluation images with the policy and return every ``eval/…`` metric.
+
+        The global random number generators are left as they were (a reward may draw from them), so when and
+        how often a run evaluates changes nothing in its training.
+        """
+        from lit_diffac.resume import capture_rng_state, restore_rng_state
+
+        state = capture_rng_state()
+        try:
+            return self._measure(backbone, sampler, training_rewards, device)
+        finally:
+            restore_rng_state(state)
+
+    def _measure(self, backbone, sampler, training_rewards, device) -> dict[str, float]:
         expanded = expand_prompts(self.prompts, self.samples_per_prompt)
         images = generate(backbone, sampler, expanded, seed=self.seed, batch_size=self.batch_size, device=device)
         rewards = self.all_rewards(training_rewards)

@@ -61,6 +61,20 @@ def nonfinite_inputs(rewards: torch.Tensor, log_probs: torch.Tensor, values: tor
     return "; ".join(problems) or None
 
 
+def drop_nonfinite_samples(rollout: Any, reward_names: Sequence[str]) -> tuple[Any, str | None]:
+    """``(rollout without the trajectories whose rewards are not finite, message naming the rewards)``.
+
+    Only some samples bad: they leave the update (``fault/dropped_samples``), the rest trains.  None or all
+    bad: the rollout is returned whole (all bad: the iteration is then skipped by :class:`NonFiniteGuard`).
+    """
+    bad = ~torch.isfinite(rollout.rewards).all(-1)
+    if not bad.any() or bad.all():
+        return rollout, None
+    names = [name for j, name in enumerate(reward_names) if not torch.isfinite(rollout.rewards[:, j]).all()]
+    return rollout.select(~bad), (f"dropped {int(bad.sum())}/{len(bad)} trajectories from the update: "
+                                  f"reward {', '.join(map(repr, names))} is not finite for them")
+
+
 class TrainableSnapshot:
     """Copies of trainable parameters and optimiser states, to undo an update.
 

@@ -4,7 +4,8 @@ Steering adds the learned value's gradient ``g = ∇_x V(x_t, t, c)`` to chosen 
 ``ε̂' = ε̂ − s·√(1−ᾱ_t)·g``, for the flow SDE ``v̂' = v̂ − s·g`` (the sampler's :meth:`~Sampler.guide`). Both move
 the chain toward higher predicted value.  The gradient needs one backward pass through the backbone per
 steered step, so a steered sample costs about ``K + 2·(steered steps)`` forward-equivalents; best-of-N costs
-``N·K``.  Both functions report their cost so comparisons can be made at equal compute.
+``N·K``.  Both functions report their cost so comparisons can be made at equal compute.  What the
+``lit-diffac sample`` options do, and how to choose the scale (with the measured toy figures): docs/steering.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,24 @@
-"""A run's record: samples seen, held-out evaluations and recent training metrics, and its ``summary.json``.
+"""A run's record and report: samples seen, held-out evaluations, recent training metrics, ``summary.json``.
 
 :class:`RunHistory` is the one place an RL module keeps what it reports about a run; it owns its state
 (``state_dict`` / ``load_state_dict`` in ``weights_only`` form, so resume continues it exactly) and writes the
 summary.  The held-out evaluation (:class:`~lit_diffac.evaluation.HeldOutEvaluation`) appends to it.
+:class:`RunReport` is the callback that decides when to evaluate and writes the report at the end;
+:class:`IterationTimer` gives the ``perf/…`` timings of an iteration.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
+import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 #: summary.json reports training diagnostics averaged over this many final iterations.
 SUMMARY_WINDOW = 10
@@ -24,6 +29,7 @@ class RunHistory:
 
     Attributes:
         samples_seen: trajectories rolled out, over all processes.
+        iterations: RL iterations completed (skipped ones included).
         evaluations: held-out evaluations, each ``{"iteration", "label", "samples_seen", "eval/…": value}``
             (``label`` ``"base"`` first, then ``"periodic"`` ones, the last one ``"final"``).
         recent: the training metrics of the last :data:`SUMMARY_WINDOW` iterations.
@@ -36,6 +42,7 @@ class RunHistory:
         self.evaluations: list[dict] = []
         self.recent: list[dict[str, float]] = []
         self.last_metrics: dict[str, float] = {}
+        self.iterations = 0
         self.started: float | None = None
 
     def start(self) -> None:
@@ -44,6 +51,7 @@ class RunHistory:
 
     def record_iteration(self, metrics: dict[str, float]) -> None:
         """Keep one iteration's training metrics."""
+        self.iterations += 1
         self.last_metrics = metrics
         self.recent.append(metrics)
         del self.recent[:-self.window]
@@ -56,12 +64,13 @@ class RunHistory:
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples_seen": int(self.samples_seen), "eval_history": [dict(e) for e in self.evaluations],
-                "recent_metrics": [dict(m) for m in self.recent]}
+                "recent_metrics": [dict(m) for m in self.recent], "iterations": int(self.iterations)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.samples_seen = state["samples_seen"]
         self.evaluations = [dict(e) for e in state["eval_history"]]
         self.recent = [dict(m) for m in state["recent_metrics"]]
+        self.iterations = state.get("iterations", 0)  # older checkpoints lack it
 
     def summary(self, module: str, iterations: int, seed: int, checkpoint: str | Path | None = None) -> dict:
         """The ``summary.json`` of a run: base and final held-out metrics, diagnostics averaged over the last
@@ -138,3 +147,84 @@ class IterationTimer:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class RunReport(L.Callback):
+    """What an RL run reports, around the algorithm: the held-out evaluations (before the first iteration,
+    every ``evaluation.every_n_iterations`` and after the last), ``summary.json``, and the hyperparameters with
+    the final held-out metrics in each logger's hyperparameter view (TensorBoard's HParams tab).
+
+    The RL modules add it themselves (``configure_callbacks``); it reads the module's public parts
+    (``history``, ``evaluation``, ``hparams``) and owns no state.
+
+    Args:
+        evaluate: run the held-out evaluations (``False`` for value pretraining: the policy does not change).
+    """
+
+    def __init__(self, evaluate: bool = True) -> None:
+        self.evaluate = evaluate
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.history.start()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        history = pl_module.history
+        if history.evaluations and history.evaluations[-1]["label"] == "final":  # resumed after a finished fit:
+            last = history.evaluations.pop()  # continue as if uninterrupted (it was a periodic point, or none)
+            if self.evaluate and pl_module.evaluation.is_due(last["iteration"], last=False):
+                history.evaluations.append({**last, "label": "periodic"})
+        if self.evaluate and not history.evaluations:  # not again on resume
+            pl_module.evaluation.run(pl_module, "base", 0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done = trainer.current_epoch + 1
+        if self.evaluate and pl_module.evaluation.is_due(done, last=done >= (trainer.max_epochs or 0)):
+            pl_module.evaluation.run(pl_module, "periodic", done)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.evaluate:  # before GracefulStop writes the final last.ckpt, which then holds this evaluation
+            pl_module.evaluation.run(pl_module, "final", trainer.current_epoch)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write_summary(trainer, pl_module)
+        final = pl_module.history.evaluations[-1] if pl_module.history.evaluations else {}
+        scores = [v for k, v in final.items() if k.startswith("eval/") and math.isfinite(v)]
+        accuracy = [v for k, v in final.items() if k.startswith("eval/") and k.endswith("_accuracy") and math.isfinite(v)]
+        if scores:  # HParams tab: the real hyperparameters, and hp_metric = the final held-out accuracy (or score)
+            params, metrics = hyperparameters(pl_module), {"hp_metric": (accuracy or scores)[0]}
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.log_hyperparams(params, metrics, step=trainer.current_epoch)
+
+    @staticmethod
+    def write_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        """Write ``summary.json`` (naming ``last.ckpt`` if written) into the run's log folder; return its path."""
+        if not (trainer.is_global_zero and trainer.logger is not None and trainer.log_dir is not None):
+            return None
+        from lit_diffac.faults import checkpoint_dir
+
+        last = checkpoint_dir(trainer) / "last.ckpt"
+        return pl_module.history.write_summary(Path(trainer.log_dir) / "summary.json", type(pl_module).__name__,
+                                               trainer.current_epoch, pl_module.hparams.seed,
+                                               last if last.is_file() else None)
+
+
+def hyperparameters(pl_module: L.LightningModule) -> dict[str, Any]:
+    """The module's hyperparameters for a logger: its plain arguments plus a short description of each
+    component (backbone, sampler, estimator, rewards, evaluation, critic replay)."""
+    params: dict[str, Any] = {k: v for k, v in pl_module.hparams.items() if isinstance(v, (int, float, str, bool))}
+    sampler, estimator, replay = pl_module.sampler, pl_module.estimator, pl_module.critic_replay
+    params.update({
+        "backbone": str(pl_module.backbone.pretrained), "backbone_class": type(pl_module.backbone).__name__,
+        "lora_rank": pl_module.backbone.lora_rank, "sampler": type(sampler).__name__,
+        "num_steps": sampler.num_steps, "estimator": type(estimator).__name__,
+        "reward_normalization": estimator.reward_normalization, "rewards": ",".join(pl_module.reward_names),
+        "reward_weights": ",".join(f"{w:g}" for w in pl_module.reward_weights.tolist()),
+        "critic_replay": f"{replay.capacity} iterations x {replay.passes} passes" if replay is not None else "none",
+        "eval_samples_per_prompt": pl_module.evaluation.samples_per_prompt,
+        "eval_prompts": len(pl_module.evaluation.prompts),
+    })
+    for name in ("gamma", "lam", "advantage_clip", "target_clip"):
+        if hasattr(estimator, name):
+            params[f"estimator.{name}"] = getattr(estimator, name)
+    return params

@@ -144,12 +144,18 @@ def value_diagnostics(values: torch.Tensor, targets: torch.Tensor, names: list[s
     return out
 
 
-def reward_statistics(rewards: torch.Tensor, names: list[str]) -> dict[str, float]:
-    """``reward/<name>_mean`` and ``reward/<name>_std`` (population) of ``rewards [B, R]``, one column per name."""
+def reward_statistics(rewards: torch.Tensor, names: list[str], weights: torch.Tensor | None = None
+                      ) -> dict[str, float]:
+    """``reward/<name>_mean`` and ``reward/<name>_std`` (population) of ``rewards [B, R]``, one column per name;
+    with two or more rewards also ``reward/total_mean`` / ``reward/total_std`` of ``Σ_i w_i r_i`` (raw rewards,
+    ``weights [R]``, default all 1)."""
     out = {}
     for j, name in enumerate(names):
         out[f"reward/{name}_mean"] = rewards[:, j].mean().item()
         out[f"reward/{name}_std"] = rewards[:, j].std(unbiased=False).item()
+    if len(names) > 1:
+        total = (rewards * (weights if weights is not None else rewards.new_ones(len(names))).to(rewards)).sum(-1)
+        out["reward/total_mean"], out["reward/total_std"] = total.mean().item(), total.std(unbiased=False).item()
     return out
 
 

@@ -57,6 +57,14 @@ class Rollout:
     def num_steps(self) -> int:
         return self.log_probs.shape[1]
 
+    def select(self, keep: torch.Tensor) -> "Rollout":
+        """The trajectories where ``keep [B]`` (bool) is true, every field cut alike."""
+        index = keep.nonzero().flatten()
+        return Rollout(prompts=[self.prompts[i] for i in index.tolist()], embeds=self.embeds[index],
+                       latents=self.latents[index], log_probs=self.log_probs[index], values=self.values[index],
+                       images=self.images[index], rewards=self.rewards[index] if self.rewards is not None else None,
+                       features=[f[index] for f in self.features] if self.features is not None else None)
+
 
 def denoise(
     backbone: DiffusionBackbone,

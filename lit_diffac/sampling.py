@@ -1,24 +1,27 @@
 """``lit-diffac sample``: generate images from a recipe's policy, optionally with critic steering or best-of-N.
 
-    lit-diffac sample --config recipes/toy/actor_critic_dit.yaml --ckpt runs/.../last.ckpt \\
+    lit-diffac sample --ckpt runs/actor_critic_dit/version_0/checkpoints/last.ckpt \\
         --prompts toy:heldout --samples-per-prompt 4 --scale 0.5 --steps last:5 --out samples/
 
-Writes one PNG per sample, a grid (``grid.png``) and ``rewards.json`` (every reward of the recipe and the
-critic's value for each image, their means, the settings and the backbone compute spent).
+The recipe is the run's saved ``config.yaml`` (next to ``checkpoints/``) unless ``--config`` names one.  Writes
+one PNG per sample, a grid (``grid.png``) and ``rewards.json`` (every reward of the recipe and the critic's value
+for each image, their means, the settings and the backbone compute spent).  How to choose ``--scale``,
+``--steps`` and ``--best-of``: docs/steering.md.
+
+torch, diffusers and Lightning are imported only when sampling starts (``lit-diffac sample --help`` is quick).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm.auto import tqdm
-
-from lit_diffac.data.prompts import load_prompts
-from lit_diffac.guidance import best_of_n, steered_sample
-from lit_diffac.resume import check_compatible
+if TYPE_CHECKING:
+    import torch
 
 
 def load_module(config: str, ckpt: str | None = None, overrides: list[str] | None = None):
@@ -27,6 +30,7 @@ def load_module(config: str, ckpt: str | None = None, overrides: list[str] | Non
     ``ckpt`` is a file or an ``http(s)://`` URL, read by :func:`lit_diffac.checkpoints.load_checkpoint`
     (``weights_only=True``; a corrupt, truncated or non-weights-only file raises a one-line error)."""
     from lit_diffac.cli import LitDiffacCLI
+    from lit_diffac.resume import check_compatible
 
     cli = LitDiffacCLI(["--config", config, *(overrides or [])], run=False)
     module = cli.model
@@ -45,6 +49,7 @@ def load_module(config: str, ckpt: str | None = None, overrides: list[str] | Non
 
 
 def save_images(images: torch.Tensor, folder: Path, names: list[str]) -> None:
+    import torch
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,15 +67,20 @@ def save_images(images: torch.Tensor, folder: Path, names: list[str]) -> None:
 
 def sample_main(argv: list[str]) -> int:
     """generate images from a recipe's policy (optionally critic-steered or best-of-N) with their rewards"""
-    parser = argparse.ArgumentParser(prog="lit-diffac sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the recipe that built the policy")
+    parser = argparse.ArgumentParser(prog="lit-diffac sample", description=__doc__.splitlines()[0],
+                                     epilog="Choosing --scale / --steps / --best-of, with measured figures: "
+                                            "docs/steering.md")
+    parser.add_argument("--config", default=None, help="the recipe that built the policy (default: the "
+                        "config.yaml of the checkpoint's run folder, next to checkpoints/)")
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint of that recipe: a file or an "
-                        "http(s) URL, loaded weights-only (default: initial weights)")
+                        "http(s) URL, loaded weights-only (default: initial weights; then --config is needed)")
     parser.add_argument("--prompts", default="toy:heldout", help="prompt file, or toy:train / toy:heldout")
     parser.add_argument("--samples-per-prompt", type=int, default=1)
-    parser.add_argument("--scale", type=float, default=0.0, help="critic steering scale (0: off)")
+    parser.add_argument("--scale", type=float, default=0.0, help="critic steering scale: each steered step "
+                        "moves the latent along scale x the gradient of the critic's value (0: off)")
     parser.add_argument("--steps", default="all", help="steered steps: all, first:N, last:N")
-    parser.add_argument("--best-of", type=int, default=1, help="best-of-N instead of steering (N > 1)")
+    parser.add_argument("--best-of", type=int, default=1, help="best-of-N instead of steering (N > 1): "
+                        "N candidates per sample, the best by --rank-by kept (N times the compute)")
     parser.add_argument("--rank-by", default="value", help="best-of-N ranking: 'value' or a reward name")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -78,9 +88,22 @@ def sample_main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.best_of > 1 and args.scale:
         parser.error("choose steering (--scale) or best-of-N (--best-of), not both")
+    config = args.config or _run_config(parser, args.ckpt)
+    import torch
+    from tqdm.auto import tqdm
+
+    from lit_diffac.data.prompts import load_prompts
+    from lit_diffac.guidance import best_of_n, steered_sample
+
     prompts = load_prompts(args.prompts)
     prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    module = load_module(args.config, args.ckpt, overrides)
+    if args.config is None:
+        from lit_diffac.export import recipe_from_run_config
+
+        with tempfile.TemporaryDirectory() as tmp:  # the run's config.yaml without its fit-only keys
+            module = load_module(recipe_from_run_config(config, tmp), args.ckpt, overrides)
+    else:
+        module = load_module(config, args.ckpt, overrides)
     rewards = {r.name: r for r in [*module.rewards, *module.evaluation.rewards]}
     if args.best_of > 1 and args.rank_by != "value" and args.rank_by not in rewards:
         parser.error(f"--rank-by must be 'value' or one of {sorted(rewards)}")
@@ -120,3 +143,24 @@ def sample_main(argv: list[str]) -> int:
     print(json.dumps(report["mean"]))
     print(f"wrote {len(prompts)} images to {out_dir.resolve()}")
     return 0
+
+
+def _run_config(parser: argparse.ArgumentParser, ckpt: str | None) -> str:
+    """The ``config.yaml`` of ``ckpt``'s run folder (``runs/NAME/version_N/config.yaml`` for
+    ``runs/NAME/version_N/checkpoints/X.ckpt``), as ``lit-diffac export`` finds it; a usage error if none."""
+    from lit_diffac.export import default_config
+
+    if ckpt is None:
+        parser.error("pass --config RECIPE.yaml (the recipe to sample from), or --ckpt a checkpoint of a run "
+                     "folder that has its config.yaml")
+    if ckpt.startswith(("http://", "https://")):
+        parser.error(f"checkpoint {ckpt} is a URL, which has no run folder with a config.yaml: pass --config "
+                     "RECIPE.yaml (the recipe that trained the checkpoint)")
+    if not Path(ckpt).is_file():
+        parser.error(f"checkpoint {ckpt!r} not found")
+    config = default_config(ckpt)
+    if config is None:
+        parser.error(f"no recipe: {Path(ckpt).resolve().parent.parent / 'config.yaml'} does not exist; pass "
+                     "--config RECIPE.yaml (the recipe that trained the checkpoint)")
+    print(f"recipe: {config}", file=sys.stderr)
+    return config

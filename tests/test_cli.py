@@ -220,3 +220,105 @@ def test_format_parser_error_nested_subclass() -> None:
     assert format_parser_error(message) == ("unknown key 'model.init_args.reward.init_args.qualty' "
                                             "(did you mean 'model.init_args.reward.init_args.quality'?)")
     assert format_parser_error("something else entirely") == "something else entirely"
+
+
+# --------------------------------------------------------------------------- user modules, trainer options
+
+CHECKPOINTED = """\
+model:
+  class_path: helpers_cli.TinyRegression
+trainer:
+  max_epochs: 4
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {every_n_epochs: 2, save_top_k: -1, save_last: true, filename: "iteration={iteration}",
+                  auto_insert_metric_name: false}
+"""
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture
+def console_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sys.path`` as the console script has it: without the current folder ('' or '.')."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", os.getcwd())])
+
+
+def test_user_module_in_current_folder_is_importable(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     console_sys_path: None) -> None:
+    (tmp_path / "user_models_cwd.py").write_text("from helpers_cli import TinyRegression as Mine\n")
+    recipe = write_recipe(tmp_path, BASE.replace("helpers_cli.TinyRegression", "user_models_cwd.Mine"))
+    out = expect_exit(capsys, ["run", recipe, "--print_config"], code=0)
+    assert "class_path: user_models_cwd.Mine" in out
+    assert str(tmp_path) not in sys.path  # put back for the rest of this process
+
+
+@pytest.mark.parametrize(("first_line", "expected"), [
+    ("import package_that_is_not_installed_xyz",
+     "user_models_{n}.py, line 1: No module named 'package_that_is_not_installed_xyz' (user_models_{n} imports a "
+     "package that is not installed)"),
+    ("raise RuntimeError('no GPU here')", "user_models_{n}.py, line 1: RuntimeError: no GPU here"),
+    ("import torch; torch.no_such_function()",
+     "user_models_{n}.py, line 1: AttributeError: module 'torch' has no attribute 'no_such_function'"),
+])
+def test_error_inside_a_user_module_is_shown(tmp_path: Path, capsys: pytest.CaptureFixture, first_line: str,
+                                             expected: str, request: pytest.FixtureRequest) -> None:
+    n = request.node.callspec.indices["first_line"]
+    (tmp_path / f"user_models_{n}.py").write_text(f"{first_line}\nfrom helpers_cli import TinyRegression as Mine\n")
+    recipe = write_recipe(tmp_path, BASE.replace("helpers_cli.TinyRegression", f"user_models_{n}.Mine"))
+    line = expect_exit(capsys, ["run", recipe]).strip().splitlines()[-1]
+    assert line == (f"error: cannot import class_path 'user_models_{n}.Mine' for 'model' in {recipe}: "
+                    + expected.format(n=n))
+
+
+def test_missing_user_module_says_where_it_was_looked_for(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = write_recipe(tmp_path, BASE.replace("helpers_cli.TinyRegression", "not_here_rewards.Mine"))
+    line = expect_exit(capsys, ["run", recipe]).strip().splitlines()[-1]
+    assert line == (f"error: cannot import class_path 'not_here_rewards.Mine' for 'model' in {recipe}: no module "
+                    "named 'not_here_rewards' (run lit-diffac from the folder that holds not_here_rewards.py, or "
+                    "add that folder to PYTHONPATH)")
+
+
+def test_enable_checkpointing_false_drops_the_recipes_model_checkpoint(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    recipe = write_recipe(tmp_path, CHECKPOINTED, "ckpt.yaml")
+    assert main(["run", recipe, "--trainer.enable_checkpointing=false", *QUIET]) == 0
+    assert "note: enable_checkpointing=false: dropped the recipe's 1 ModelCheckpoint callback(s)" in \
+        capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_checkpoints_are_named_by_completed_iterations_and_logger_false_uses_the_run_folder(
+        tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, CHECKPOINTED, "ckpt.yaml")
+    assert main(["run", recipe, *QUIET]) == 0
+    folder = tmp_path / "runs" / "ckpt" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["iteration=2.ckpt", "iteration=4.ckpt", "last.ckpt"]
+
+    assert main(["run", recipe, "--trainer.logger=false", *QUIET]) == 0
+    run = tmp_path / "runs" / "ckpt"  # not the current folder
+    assert (run / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iteration=2.ckpt", "iteration=4.ckpt",
+                                                                       "last.ckpt"]
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "checkpoints").exists()
+
+
+HELP_SCRIPT = r"""
+import sys
+from lit_diffac.cli import main
+for command in (["--help"], ["sample", "--help"], ["export", "--help"]):
+    try:
+        main(command)
+    except SystemExit as exit:
+        assert exit.code in (0, None), (command, exit.code)
+    assert "lightning" not in sys.modules, f"{command} imported lightning"
+print("ok")
+"""
+
+
+def test_help_does_not_import_lightning() -> None:
+    path = os.pathsep.join(filter(None, [str(TESTS_DIR.parent), os.environ.get("PYTHONPATH")]))  # this checkout
+    result = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "ok"
+    assert "usage: lit-diffac sample" in result.stdout and "usage: lit-diffac export" in result.stdout

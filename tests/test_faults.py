@@ -27,15 +27,15 @@ from helpers_faults import write_tiny_recipe  # noqa: E402
 REPO = TESTS_DIR.parent
 
 
-def nan_at(iteration: int):
-    """Brightness, NaN for one sample of training iteration ``iteration`` (training calls have 4 images)."""
+def nan_at(iteration: int, samples=slice(1, 2)):
+    """Brightness, NaN for ``samples`` of training iteration ``iteration`` (training calls have 4 images)."""
     calls = {"n": 0}
 
     def reward(images, prompts, **_):
         out = images.mean(dim=(1, 2, 3))
         if len(prompts) == 4:
             if calls["n"] == iteration:
-                out[1] = float("nan")
+                out[samples] = float("nan")
             calls["n"] += 1
         return out
     return reward
@@ -84,17 +84,49 @@ def trainer_for(tmp_path, epochs, *callbacks):
 
 
 def test_nan_reward_skips_the_iteration_and_the_run_goes_on(toy_pipelines, tmp_path, capsys):
-    module = make(toy_pipelines["dit"], nan_at(1))
+    module = make(toy_pipelines["dit"], nan_at(1, samples=slice(None)))
     log = StateLog()
     trainer_for(tmp_path, 3, log).fit(module)
-    assert same(log.start[1], log.end[1])          # iteration 1 (NaN reward): weights and Adam state untouched
+    assert same(log.start[1], log.end[1])          # iteration 1 (every reward NaN): weights and Adam state untouched
     assert not same(log.start[0], log.end[0]) and not same(log.start[2], log.end[2])  # the others update
     assert [m["fault/skipped"] for m in log.metrics] == [0.0, 1.0, 0.0]
     assert log.metrics[-1]["fault/skipped_iterations"] == 1.0
     assert module.reward_normalizer.stats.count.item() == 8  # the NaN batch never reached the statistics
     assert (module.faults.skipped_iterations, module.faults.consecutive_bad, module.faults.halt_reason) == (1, 0, None)
-    assert "[iteration 1] update skipped, weights unchanged: reward 'r' is not finite for 1/4 samples" \
+    assert "[iteration 1] update skipped, weights unchanged: reward 'r' is not finite for 4/4 samples" \
         in capsys.readouterr().out
+
+
+def test_nan_reward_for_some_samples_drops_their_trajectories(toy_pipelines, tmp_path, capsys):
+    module = make(toy_pipelines["dit"], nan_at(1))
+    log = StateLog()
+    seen = []
+    original = module.update
+    module.update = lambda rollout, *opts: seen.append(rollout.batch_size) or original(rollout, *opts)
+    trainer_for(tmp_path, 3, log).fit(module)
+    assert seen == [4, 3, 4]                          # the NaN sample's trajectory left iteration 1's update
+    assert not same(log.start[1], log.end[1])         # which still trained on the other three
+    assert [m["fault/dropped_samples"] for m in log.metrics] == [0.0, 1.0, 0.0]
+    assert [m["fault/skipped"] for m in log.metrics] == [0.0, 0.0, 0.0]
+    assert module.reward_normalizer.stats.count.item() == 11
+    assert "[iteration 1] dropped 1/4 trajectories from the update: reward 'r' is not finite for them" \
+        in capsys.readouterr().out
+
+
+def test_rollout_select_cuts_every_field():
+    from lit_diffac.backbones.base import PromptEmbeds
+    from lit_diffac.rollout import Rollout
+
+    r = Rollout(prompts=["a", "b", "c"], embeds=PromptEmbeds(hidden=torch.arange(6.).view(3, 2, 1),
+                                                              pooled=torch.arange(3.)[:, None]),
+                latents=torch.arange(3.).view(3, 1, 1, 1, 1).expand(3, 5, 1, 1, 1), log_probs=torch.arange(12.).view(3, 4),
+                values=torch.zeros(3, 4, 1), images=torch.arange(3.).view(3, 1, 1, 1), rewards=torch.arange(3.)[:, None],
+                features=[torch.arange(3.).view(3, 1)])
+    s = r.select(torch.tensor([True, False, True]))
+    assert s.prompts == ["a", "c"] and s.batch_size == 2 and s.num_steps == 4
+    for tensor in (s.embeds.pooled, s.latents[:, 0], s.images, s.rewards, s.features[0]):
+        assert tensor.flatten().tolist() == [0.0, 2.0]
+    assert s.log_probs.tolist() == [[0, 1, 2, 3], [8, 9, 10, 11]]
 
 
 @pytest.mark.parametrize("rollback", [True, False])

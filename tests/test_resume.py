@@ -84,7 +84,7 @@ def test_four_iterations_equal_two_plus_resume_plus_two(cls, kwargs, toy_pipelin
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain tensors, numbers, lists, dicts
     assert state[CHECKPOINT_KEY]["samples_seen"] == 8 and state["epoch"] == 2  # last.ckpt: the state after training
     assert state[CHECKPOINT_KEY]["skipped_iterations"] == 0 and state[CHECKPOINT_KEY]["consecutive_bad"] == 0
-    assert [e["label"] for e in state[CHECKPOINT_KEY]["eval_history"]] == ["base"]  # saved before the final one
+    assert [e["label"] for e in state[CHECKPOINT_KEY]["eval_history"]] == ["base", "final"]  # final state, evaluated
     resumed, resumed_metrics, _ = fit(cls, pipeline, tmp_path, "resumed", 4, ckpt_path=ckpt, **kwargs())
 
     assert len(whole_metrics) == 4 and len(resumed_metrics) == 2

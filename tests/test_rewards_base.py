@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -164,3 +166,45 @@ def test_jpeg_constant_image_compresses_better_than_noise() -> None:
     assert (incomp > 0).all() and incomp[1] < 10  # sizes in kB
     with pytest.raises(ValueError, match="quality"):
         JpegCompressibility(quality=0)
+
+
+# ---------------------------------------------------------------------------------- constant-reward warning
+
+
+class Grey(Reward):
+    """Saturation-like: 0 on every grey image (the toy world's digits are grey)."""
+
+    default_name = "grey_saturation"
+
+    def score(self, images, prompts, **metadata):
+        return images.amax(dim=1).sub(images.amin(dim=1)).mean(dim=(1, 2))
+
+
+def test_constant_reward_warns_once_per_reward_pointing_at_its_score() -> None:
+    from lit_diffac.rewards.base import ConstantRewardWarning
+
+    grey = torch.rand(4, 1, 8, 8).expand(4, 3, 8, 8).contiguous()
+    reward = Grey(batch_size=3)  # chunked: the check is on the whole batch
+    with pytest.warns(ConstantRewardWarning, match=r"reward 'grey_saturation' gave all 4 images of a batch the "
+                                                   r"same score \(0\)") as caught:
+        assert reward(grey, ["a"] * 4).tolist() == [0.0] * 4
+    assert len(caught) == 1
+    assert caught[0].filename == __file__  # the reward's own score(), not torch's Module.__call__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reward(grey, ["a"] * 4)  # once per reward
+        Grey()(grey[:1], ["a"])  # one image: nothing to compare
+        Grey()(torch.rand(4, 3, 8, 8), ["a"] * 4)  # colour images: scores differ
+    with pytest.warns(ConstantRewardWarning, match="'grey_saturation'"):
+        Grey()(grey, ["a"] * 4)  # another instance warns on its own
+
+
+def test_constant_reward_warning_ignores_non_finite_and_names_a_function() -> None:
+    from lit_diffac.rewards.base import ConstantRewardWarning
+
+    def always_one(images, prompts, **metadata):
+        return torch.tensor([1.0, float("nan"), 1.0])
+
+    with pytest.warns(ConstantRewardWarning, match=r"'always_one' gave all 2 images .* same score \(1\)") as caught:
+        CallableReward(always_one)(torch.rand(3, 3, 4, 4), ["a", "b", "c"])
+    assert caught[0].filename == __file__ and caught[0].lineno == always_one.__code__.co_firstlineno

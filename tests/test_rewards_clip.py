@@ -408,13 +408,34 @@ def test_hpsv2_reward_is_the_open_clip_cosine(hps_dir):
     imgs = images(2, 40, 56, seed=6)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     ids = tokenizer(PROMPTS, padding=True, return_tensors="pt")["input_ids"]
-    pixels = ClipImagePreprocess(size=IMG, resample="tensor", crop_rounding="round")(imgs)
+    # HPSv2's ResizeMaxSize(32): ToTensor, longer side 56 -> 32, 40 -> round(22.86) = 23 (bicubic on the float
+    # tensor, as torchvision), then 9 black rows: 4 above, 5 below; nothing cropped
+    resized = F.interpolate(quantize(imgs).float() / 255, size=(23, 32), mode="bicubic", align_corners=False,
+                            antialias=True)
+    pixels = (F.pad(resized, (0, 0, 4, 5), value=0.0) - MEAN) / STD
     with torch.no_grad():
         img = F.normalize(open_clip_encode_image(sd, pixels, heads=2), dim=-1)
         txt = F.normalize(open_clip_encode_text(sd, ids, heads=4), dim=-1)
     torch.testing.assert_close(reward(imgs, PROMPTS), (img * txt).sum(-1), rtol=1e-4, atol=1e-4)
     assert reward.name == "hpsv2"
     assert json.loads((folder / "conversion.json").read_text())["source"] == "HPS_v2.1_compressed.pt"
+
+
+def test_hpsv2_cleans_prompts_like_open_clip(hps_dir):
+    """OpenCLIP's tokenizer unescapes HTML, repairs text (ftfy), collapses whitespace and lower-cases before
+    tokenising; the ``transformers`` tokenizer alone does not unescape."""
+    from transformers import AutoTokenizer
+
+    folder, _ = hps_dir
+    reward = HPSv2(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    plain = tokenizer(["a & b"])["input_ids"]
+    assert tokenizer(["a &amp; b"])["input_ids"] != plain  # what HPSv2 gave before the cleaning
+    for prompt in ("a &amp; b", "  a \t &amp;\n  b  ", "A &AMP; B", "a &amp;amp; b"):
+        assert reward.tokenize([prompt])["input_ids"].tolist() == plain
+    imgs = images(2, 32, 48, seed=7)
+    cleaned = reward(imgs, ["a &amp; b", "cafÃ©  au   lait"])
+    torch.testing.assert_close(cleaned, reward(imgs, ["a & b", "café au lait"]), rtol=0, atol=0)
 
 
 def test_convert_command_is_registered_and_reports_errors(tmp_path, capsys, clip_tokenizer_dir):

@@ -3,6 +3,9 @@ here (ViT of BLIP's ``vit.py``, BERT with cross-attention of BLIP's ``med.py``),
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,38 @@ def write_bert_tokenizer(folder: Path):
     tokenizer = BertTokenizer(str(folder / "vocab.txt"))
     tokenizer.save_pretrained(str(folder))
     return tokenizer
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "rewards.md"
+
+
+def documented_bert_files() -> list[str]:
+    """The bert-base-uncased files that docs/rewards.md tells users to download."""
+    match = re.search(r"huggingface-cli download google-bert/bert-base-uncased ([^\n\\]+)", DOC.read_text())
+    assert match, "docs/rewards.md no longer downloads google-bert/bert-base-uncased"
+    return match.group(1).split()
+
+
+def write_downloaded_bert(folder: Path, files: list[str], words: list[str] = WORDS) -> Path:
+    """Tiny tokenizer files in the shape of the hub's google-bert/bert-base-uncased: vocab.txt, a
+    tokenizer_config.json that names no tokenizer class ({"do_lower_case": true, "model_max_length": 512}),
+    the `tokenizers` serialisation tokenizer.json; no config.json, no special_tokens_map.json."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    if "tokenizer.json" in files:
+        BertTokenizer(str(folder / "vocab.txt")).backend_tokenizer.save(str(folder / "tokenizer.json"))
+    if "tokenizer_config.json" in files:
+        (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
+    if "vocab.txt" not in files:
+        (folder / "vocab.txt").unlink()
+    return folder
+
+
+def hand_ids(*words: int) -> list[int]:
+    """[CLS] words [SEP], padded with [PAD] (id 0) to ImageReward's 35 tokens."""
+    return [2, *words, 3] + [0] * (35 - len(words) - 2)
 
 
 def image_reward_state_dict(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -219,3 +254,72 @@ def test_missing_weights_and_wrong_tokenizer(tmp_path, capsys):
     status = convert_reward_main(["image-reward", str(tmp_path / "ImageReward.pt"), str(tmp_path / "out"),
                                   "--tokenizer", str(tmp_path / "bert"), "--vision-heads", "2", "--text-heads", "2"])
     assert status == 2 and "expected bert-base-uncased" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- tokenizer files
+
+def _convert(tmp_path: Path, bert: Path, out: str = "out") -> int:
+    if not (tmp_path / "ImageReward.pt").exists():
+        torch.save(image_reward_state_dict(vocab=len(WORDS) + 2), tmp_path / "ImageReward.pt")
+    return convert_reward_main(["image-reward", str(tmp_path / "ImageReward.pt"), str(tmp_path / out),
+                                "--tokenizer", str(bert), "--vision-heads", str(VH), "--text-heads", str(TH)])
+
+
+@pytest.mark.parametrize("files", [documented_bert_files(), ["vocab.txt"]], ids=["as-documented", "vocab-only"])
+def test_the_documented_bert_download_converts_and_scores(tmp_path, files):
+    """The tokenizer files as downloaded name no tokenizer class: ``AutoTokenizer`` builds a tokenizer without
+    a padding token from them, so scoring failed ("Asking to pad ...") although the conversion exited 0.
+    BLIP's BertTokenizer is now built from vocab.txt explicitly."""
+    assert "vocab.txt" in documented_bert_files()
+    bert = write_downloaded_bert(tmp_path / "bert-base-uncased", files)
+    assert _convert(tmp_path, bert) == 0
+    reward = ImageReward(str(tmp_path / "out"))
+    # WORDS ids: [PAD] 0, [CLS] 2, [SEP] 3, a 5, and 6, cat 7, dog 8, ##s 9; [DEC] 13, [ENC] 14
+    prompts = ["a cat", "A DOG and cats"]
+    ids = torch.tensor([hand_ids(5, 7), hand_ids(5, 8, 6, 7, 9)])
+    tokens = reward.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert tokens["input_ids"].tolist() == ids.tolist()
+    assert reward.tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [13, 14]
+    assert reward.tokenizer.bos_token == "[DEC]"
+    imgs = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(3))
+    pixels = ClipImagePreprocess(size=IMG, resample="pil", crop_rounding="round")(imgs)
+    with torch.no_grad():
+        expected = blip_image_reward(image_reward_state_dict(vocab=len(WORDS) + 2), pixels, ids, (ids != 0).long())
+    torch.testing.assert_close(reward(imgs, prompts), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_converted_before_the_fix_still_scores(converted, tmp_path):
+    """Older conversions saved the tokenizer without a tokenizer class or padding token; ImageReward loads
+    it as a BertTokenizer, which pads with [PAD]."""
+    folder = tmp_path / "old"
+    shutil.copytree(converted[0], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("pad_token", "tokenizer_class", "cls_token", "sep_token"):
+        config.pop(key, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "TokenizersBackend"}))
+    reward = ImageReward(str(folder))
+    assert reward.tokenizer(["a cat"], padding="max_length", max_length=35)["input_ids"] == [hand_ids(5, 7)]
+    imgs = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(reward(imgs, ["a cat"]), ImageReward(str(converted[0]))(imgs, ["a cat"]))
+
+
+def test_tokenizer_folders_that_cannot_score_fail_at_conversion(tmp_path, capsys):
+    no_vocab = write_downloaded_bert(tmp_path / "no-vocab", ["tokenizer.json", "tokenizer_config.json"])
+    assert _convert(tmp_path, no_vocab, "out1") == 2
+    assert "no vocab.txt" in capsys.readouterr().err and not (tmp_path / "out1").exists()
+    no_pad = write_downloaded_bert(tmp_path / "no-pad", ["vocab.txt"], words=[w if w != "[PAD]" else "[unused0]"
+                                                                            for w in WORDS])
+    assert _convert(tmp_path, no_pad, "out2") == 2
+    assert "lacks the BERT special tokens ['[PAD]']" in capsys.readouterr().err
+    assert _convert(tmp_path, tmp_path / "nowhere", "out3") == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_converted_folder_with_another_tokenizer_fails_at_construction(converted, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(converted[0], folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    write_bert_tokenizer(folder)  # 13 tokens: no [DEC] / [ENC]
+    with pytest.raises(ValueError, match="convert the checkpoint again"):
+        ImageReward(str(folder))

@@ -94,3 +94,24 @@ class RLProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
         return dict(self.shown_metrics(pl_module))
+
+    def open_bar(self) -> Tqdm | None:
+        """The bar text should be written above: an open (not closed, not disabled) one, or ``None``."""
+        for bar in (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar,
+                    self._predict_progress_bar):
+            if bar is not None and not bar.disable:  # tqdm.close() sets ``disable``
+                return bar
+        return None
+
+    def print(self, *args: Any, sep: str = " ", end: str = "\n", file: Any = None, flush: bool = False) -> None:
+        """What ``LightningModule.print`` calls: the text always reaches ``file`` (default: stdout), above the
+        bar while one is open (``tqdm.write``, so the bar is redrawn underneath) and with ``print`` otherwise
+        (Lightning's own bar drops it then: before training and after the bar is closed)."""
+        text = sep.join(map(str, args))
+        bar = self.open_bar()
+        if bar is not None:
+            bar.write(text, file=file, end=end)
+            if flush:
+                (file or sys.stdout).flush()
+        else:
+            print(text, end=end, file=file if file is not None else sys.stdout, flush=flush)

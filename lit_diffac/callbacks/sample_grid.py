@@ -1,15 +1,27 @@
 """Sample grids: the same prompts and seeds every time, so a user sees the policy change.
 
 Each tile is one sample (upscaled with nearest-neighbour to at least ``min_tile`` pixels wide), with its
-prompt and rewards written underneath in PIL's default font.  The grid goes to every TensorBoard logger
-(``add_image``, tag ``samples/grid``) and, with ``save_png``, to ``<png_dir>/iteration_<N>.png``.
+prompt and rewards written underneath in PIL's default font.  The grid (tag ``samples/grid``) goes to every
+logger of the trainer through that logger's own image API (:func:`log_grid`):
+
+* TensorBoard (and any logger whose ``experiment`` has ``add_image``): ``experiment.add_image``;
+* loggers with a ``log_image(key, images, step, caption=...)`` method (``WandbLogger``, and other loggers
+  offering the same API): the grid with a caption naming the iteration and each tile's text;
+* ``MLFlowLogger``: ``experiment.log_image(run_id, image, key=..., step=...)`` (an artifact file
+  ``<tag>/iteration_<N>.png`` with MLflow versions before 2.12);
+* ``CometLogger``: ``experiment.log_image(image, name=..., step=...)``;
+* ``CSVLogger`` (scalars only) is skipped; any other logger too, with a one-time warning.
+
+With ``save_png`` it is also written to ``<png_dir>/iteration_<N>.png``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
@@ -20,7 +32,7 @@ from lit_diffac.callbacks.periodic import PeriodicCallback, policy_parts
 from lit_diffac.data.prompts import PromptSource, load_prompts
 from lit_diffac.evaluation import EVAL_SEED, expand_prompts, generate
 
-__all__ = ["SampleGrid", "annotate_grid", "wrap_text"]
+__all__ = ["SampleGrid", "annotate_grid", "grid_caption", "log_grid", "wrap_text"]
 
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
@@ -85,7 +97,8 @@ def annotate_grid(images: torch.Tensor, captions: Sequence[str], columns: int = 
 
 
 class SampleGrid(PeriodicCallback):
-    """Draw a fixed set of prompts with fixed noise every N iterations and log the annotated grid.
+    """Draw a fixed set of prompts with fixed noise every N iterations and log the annotated grid to every
+    logger (each through its own image API: :func:`log_grid`).
 
     Args:
         every_n_steps: period in RL iterations (0: only ``at_start`` / ``at_end``).
@@ -97,7 +110,7 @@ class SampleGrid(PeriodicCallback):
             training rewards; ``[]``: only the prompt).  The module's evaluation-only rewards may be named too.
         columns: tiles per row.
         min_tile: tiles are upscaled to at least this many pixels wide.
-        tag: TensorBoard tag.
+        tag: the grid's tag / key in every logger.
         save_png: also write ``iteration_<N>.png`` files.
         png_dir: where (default: ``<trainer.log_dir>/sample_grids``).
         at_start, at_end: also draw before and after training (the base policy and the final one).
@@ -125,6 +138,7 @@ class SampleGrid(PeriodicCallback):
         self.save_png = save_png
         self.png_dir = png_dir
         self.last_grid: Image.Image | None = None
+        self._noted: set[str] = set()  # logger classes already warned about (no image API)
 
     def resolve_prompts(self, pl_module: L.LightningModule) -> list[str]:
         """The grid's prompts: the configured ones, or ``num_prompts`` evenly spaced held-out prompts."""
@@ -151,8 +165,8 @@ class SampleGrid(PeriodicCallback):
         return [available[name] for name in self.rewards]
 
     @torch.no_grad()
-    def draw(self, pl_module: L.LightningModule) -> Image.Image:
-        """Generate the fixed samples with the current policy and return the annotated grid."""
+    def render(self, pl_module: L.LightningModule) -> tuple[Image.Image, list[str]]:
+        """Generate the fixed samples with the current policy: ``(annotated grid, each tile's caption)``."""
         backbone, sampler = policy_parts(pl_module, type(self).__name__)
         rewards = self.resolve_rewards(pl_module)
         prompts = expand_prompts(self.resolve_prompts(pl_module), self.samples_per_prompt)
@@ -161,20 +175,72 @@ class SampleGrid(PeriodicCallback):
         for reward in rewards:
             scores = reward(images, prompts).tolist()
             captions = [f"{c}\n{reward.name} {s:.3f}" for c, s in zip(captions, scores)]
-        return annotate_grid(images, captions, columns=self.columns, min_tile=self.min_tile)
+        return annotate_grid(images, captions, columns=self.columns, min_tile=self.min_tile), captions
+
+    def draw(self, pl_module: L.LightningModule) -> Image.Image:
+        """Generate the fixed samples with the current policy and return the annotated grid."""
+        return self.render(pl_module)[0]
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, label: str) -> None:
         if not trainer.is_global_zero:
             return
-        grid = self.draw(pl_module)
+        grid, captions = self.render(pl_module)
         self.last_grid = grid
-        array = np.asarray(grid)
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                experiment.add_image(self.tag, array, global_step=step, dataformats="HWC")
-                experiment.flush()
+        log_grid(trainer.loggers, grid, self.tag, step, grid_caption(step, captions), noted=self._noted)
         if self.save_png:
             folder = Path(self.png_dir) if self.png_dir else Path(trainer.log_dir or ".") / "sample_grids"
             folder.mkdir(parents=True, exist_ok=True)
             grid.save(folder / f"iteration_{step:06d}.png")
+
+
+def grid_caption(step: int, captions: Sequence[str]) -> str:
+    """The caption of a whole grid for loggers that show one: the iteration, then each tile's text in order
+    (``iteration 50: a handwritten 3, digit_alignment 0.912 | seven, digit_alignment 0.430``)."""
+    return f"iteration {step}: " + " | ".join(", ".join(c.split("\n")) for c in captions)
+
+
+def log_grid(loggers: Sequence[Any], grid: Image.Image, tag: str, step: int, caption: str,
+             noted: set[str] | None = None) -> list[str]:
+    """Send ``grid`` to each logger through its image API (see the module docstring); return, per logger, how
+    (``"add_image"``, ``"log_image"``, ``"mlflow"``, ``"comet"`` or ``"skipped"``).  A logger with no known
+    image API is warned about once per class (``noted`` holds the class names already warned about)."""
+    from lightning.pytorch.loggers import CometLogger, CSVLogger, MLFlowLogger
+
+    noted = set() if noted is None else noted
+    array = np.asarray(grid)
+    how = []
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):  # scalars only; its folder gets the PNGs with save_png
+            how.append("skipped")
+            continue
+        if callable(getattr(logger, "log_image", None)):  # WandbLogger's API (and loggers copying it)
+            logger.log_image(key=tag, images=[grid], step=step, caption=[caption])
+            how.append("log_image")
+            continue
+        if isinstance(logger, MLFlowLogger):
+            log_image = logger.experiment.log_image  # MlflowClient.log_image
+            if "key" in inspect.signature(log_image).parameters:  # MLflow >= 2.12: images with keys and steps
+                log_image(logger.run_id, grid, key=tag, step=step)
+            else:  # older MLflow: an artifact file per step
+                log_image(logger.run_id, grid, f"{tag}/iteration_{step:06d}.png")
+            how.append("mlflow")
+            continue
+        if isinstance(logger, CometLogger):
+            logger.experiment.log_image(grid, name=tag, step=step)
+            how.append("comet")
+            continue
+        experiment = getattr(logger, "experiment", None)
+        if callable(getattr(experiment, "add_image", None)):  # TensorBoard's SummaryWriter
+            experiment.add_image(tag, array, global_step=step, dataformats="HWC")
+            if callable(getattr(experiment, "flush", None)):
+                experiment.flush()
+            how.append("add_image")
+            continue
+        name = type(logger).__name__
+        if name not in noted:
+            noted.add(name)
+            warnings.warn(f"SampleGrid: {name} has no image API SampleGrid knows (TensorBoard add_image, "
+                          f"log_image like WandbLogger, MLflow, Comet); the sample grids are not sent to it "
+                          f"(SampleGrid(save_png=True) writes them as PNG files)", stacklevel=2)
+        how.append("skipped")
+    return how

@@ -19,7 +19,6 @@ Around it, each in its own module: held-out evaluation (:mod:`lit_diffac.evaluat
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import lightning as L
@@ -34,9 +33,9 @@ from lit_diffac.data.prompts import PromptSource, load_prompts
 from lit_diffac.distributed import all_processes, gather_processes
 from lit_diffac.estimators import AdvantageEstimator, Advantages, CriticGAE
 from lit_diffac.evaluation import HeldOutEvaluation, default_sampler
-from lit_diffac.faults import (GracefulStop, NonFiniteGuard, NonFiniteUpdate, TrainableSnapshot, checkpoint_dir,
-                               nonfinite_inputs)
-from lit_diffac.history import IterationTimer, RunHistory
+from lit_diffac.faults import (GracefulStop, NonFiniteGuard, NonFiniteUpdate, TrainableSnapshot,
+                               drop_nonfinite_samples, nonfinite_inputs)
+from lit_diffac.history import IterationTimer, RunHistory, RunReport
 from lit_diffac.losses import gaussian_kl
 from lit_diffac.modules.config import check_config
 from lit_diffac.normalization import RewardNormalizer
@@ -178,8 +177,8 @@ class LatentActorCritic(L.LightningModule):
         optimizers = self.optimizers()
         return tuple(optimizers) if isinstance(optimizers, list) else (optimizers, None)
 
-    def configure_callbacks(self):  # SIGTERM, Ctrl-C and non-finite halts stop with a checkpoint
-        return [GracefulStop(guard=self.faults)]
+    def configure_callbacks(self):  # evaluations and summary.json; SIGTERM, Ctrl-C and halts stop with a checkpoint
+        return [RunReport(evaluate=self.trains_actor()), GracefulStop(guard=self.faults)]
 
     # ------------------------------------------------------------------ the RL iteration
     def training_step(self, batch, batch_idx: int) -> None:
@@ -190,6 +189,12 @@ class LatentActorCritic(L.LightningModule):
         rollout.rewards, problem = self.faults.call(
             lambda: self.score(rollout.images, rollout.prompts, times=timer.reward_times), "scoring", self.current_epoch)
         timer.lap("reward")
+        dropped, message = 0, None
+        if problem is None and self.trainer.world_size == 1:  # several processes: equal batches, so skip instead
+            kept, message = drop_nonfinite_samples(rollout, self.reward_names)
+            dropped, rollout = rollout.batch_size - kept.batch_size, kept
+        if message:
+            self.print(f"[iteration {self.current_epoch}] {message}")
         problem = problem or nonfinite_inputs(rollout.rewards, rollout.log_probs, rollout.values, self.reward_names)
         metrics = self.faults.run(lambda: self.update(rollout, *self.actor_critic_optimizers()), problem,
                                   snapshot=self.snapshot, everywhere=self.everywhere,
@@ -197,7 +202,7 @@ class LatentActorCritic(L.LightningModule):
         timer.lap("update")
         samples = self.hparams.batch_size * self.trainer.world_size
         self.history.samples_seen += samples
-        metrics.update(timer.metrics(samples, self.history.samples_seen))
+        metrics.update({**timer.metrics(samples, self.history.samples_seen), "fault/dropped_samples": float(dropped)})
         self.log_iteration(metrics)
 
     def sample_prompts(self, generator: torch.Generator) -> list[str]:
@@ -238,7 +243,7 @@ class LatentActorCritic(L.LightningModule):
         """
         hp = self.hparams
         est = self.estimate(rollout)
-        metrics = reward_statistics(self.gather(rollout.rewards), self.reward_names)
+        metrics = reward_statistics(self.gather(rollout.rewards), self.reward_names, self.reward_weights)
         if est.targets is not None:
             metrics.update(value_diagnostics(rollout.values, est.targets, self.reward_names))
         generator = self.generator(purpose=1)
@@ -362,33 +367,25 @@ class LatentActorCritic(L.LightningModule):
                       prog_bar=True, logger=False, on_step=True, batch_size=1)
         self.history.record_iteration(metrics)
 
-    # ------------------------------------------------------------------ evaluation, summary, checkpoints
+    # ------------------------------------------------------------------ hooks, checkpoints, lit-diffac validate
     def on_fit_start(self) -> None:
-        self.history.start()
         self.sampler.to(self.device)
-        if not self.history.evaluations:
-            self.evaluation.run(self, "base", 0)
 
     def on_train_start(self) -> None:  # on resume too: the recipe's learning rates win over the checkpoint's
         lrs = zip(("actor", "critic"), self.actor_critic_optimizers(), (self.hparams.actor_lr, self.hparams.critic_lr))
         for message in apply_learning_rates(lrs):
             self.print(f"[iteration {self.current_epoch}] {message}")
 
-    def on_train_epoch_end(self) -> None:
-        done = self.current_epoch + 1
-        if self.evaluation.is_due(done, last=done >= (self.trainer.max_epochs or 0)):
-            self.evaluation.run(self, "periodic", done)
+    def val_dataloader(self) -> DataLoader:  # `lit-diffac validate / test`: one held-out evaluation (none in fit)
+        return DataLoader([0] if self.trainer.state.fn != "fit" else [], batch_size=1)
 
-    def on_fit_end(self) -> None:
-        self.evaluation.run(self, "final", self.current_epoch)
-        self.write_summary()
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """The held-out evaluation of the loaded policy (``lit-diffac validate --ckpt_path``), logged as metrics."""
+        self.sampler.to(self.device)
+        self.log_dict(self.evaluation.run(self, self.trainer.state.stage.value, self.history.iterations),
+                      batch_size=1)
 
-    def write_summary(self) -> Path | None:
-        """Write ``summary.json`` (naming ``last.ckpt`` if written) into the run's log folder; return its path."""
-        if self.trainer.is_global_zero and self.logger is not None and self.trainer.log_dir is not None:
-            last = checkpoint_dir(self.trainer) / "last.ckpt"
-            return self.history.write_summary(Path(self.trainer.log_dir) / "summary.json", type(self).__name__,
-                                              self.current_epoch, self.hparams.seed, last if last.is_file() else None)
+    test_dataloader, test_step = val_dataloader, validation_step
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # what exact resume needs beyond weights (resume.py)
         checkpoint[CHECKPOINT_KEY] = training_state(self)

@@ -2,9 +2,11 @@
 
 The policy is frozen (no actor optimiser, its weights stay bit-identical); each iteration rolls out the
 initial policy, scores it and regresses the value head on the Monte-Carlo returns (γ = λ = 1: the
-standardised final reward at every step).  At the end the head is written to ``output_path`` so an
-actor-critic recipe can start from it with ``critic_init: <output_path>``.  The paper found ~15 iterations
-help and much longer pretraining hurts.
+standardised final reward at every step).  At the end the head is written to ``output_path`` (by default
+``value_head.safetensors`` in the run's log folder, e.g. ``runs/value_pretrain_dit/version_0/``, so a rerun
+does not overwrite it) and its path printed, so an actor-critic recipe can start from it with
+``value_head: ... init_from: <that path>``.  The paper found ~15 iterations help and much longer pretraining
+hurts.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ class ValuePretraining(LatentActorCritic):
     Takes every :class:`LatentActorCritic` argument (backbone, rewards, sampler, value head, ...) plus:
 
     Args:
-        output_path: where the trained value head is saved (safetensors).
+        output_path: where the trained value head is saved (safetensors); ``None``: ``value_head.safetensors``
+            in the run's log folder (``trainer.log_dir``, e.g. ``runs/<recipe>/version_<n>/``).
     """
 
-    def __init__(self, *args, output_path: str = "runs/value_head.safetensors", **kwargs) -> None:
+    #: File name of the value head in the run's log folder when no ``output_path`` is given.
+    DEFAULT_FILENAME = "value_head.safetensors"
+
+    def __init__(self, *args, output_path: str | None = None, **kwargs) -> None:
         kwargs.setdefault("estimator", CriticGAE(gamma=1.0, lam=1.0))
         super().__init__(*args, **kwargs)
         if self.value_head is None:
@@ -36,6 +42,13 @@ class ValuePretraining(LatentActorCritic):
                              "critic_lora_rank: 0 (and value_gradient: detached)")
         self.output_path = output_path
         self.backbone.requires_grad_(False)
+
+    def resolved_output_path(self) -> str:
+        """``output_path``, or ``value_head.safetensors`` in the run's log folder when it is ``None``."""
+        if self.output_path is not None:
+            return self.output_path
+        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        return str(Path(log_dir or "runs") / self.DEFAULT_FILENAME)
 
     def trains_actor(self) -> bool:
         return False
@@ -49,13 +62,9 @@ class ValuePretraining(LatentActorCritic):
     def actor_critic_optimizers(self):
         return None, self.optimizers()
 
-    def on_fit_start(self) -> None:  # the policy does not change: no held-out evaluation needed
-        self.history.start()
-        self.sampler.to(self.device)
-
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
-            path = save_value_head(self.value_head, self.output_path, iterations=self.current_epoch,
+            path = save_value_head(self.value_head, self.resolved_output_path(), iterations=self.current_epoch,
                                    rewards=self.reward_names, backbone=self.backbone.pretrained)
-            self.print(f"saved value head to {Path(path).resolve()}")
-        self.write_summary()
+            self.print(f"saved value head to {Path(path).resolve()} (start PPO from it with "
+                       f"--model.init_args.value_head.init_args.init_from={Path(path).resolve()})")

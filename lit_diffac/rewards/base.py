@@ -6,10 +6,12 @@ Every reward is a batched, gradient-free :class:`torch.nn.Module`::
 
 with ``images`` a float tensor ``[B, 3, H, W]`` with values in ``[0, 1]``, ``prompts`` a list of ``B``
 strings, and ``scores`` a float32 tensor ``[B]`` on the images' device.  Each reward has a ``name``,
-which the training modules use as its metric key (``reward/<name>``).
+which the training modules use in its metric keys (``reward/<name>_mean``, ``reward/<name>_std`` per
+iteration, ``eval/<name>`` in held-out evaluations).
 
 Subclasses implement only :meth:`Reward.score`; :meth:`Reward.forward` does the rest (input checks,
-device placement, chunking into ``batch_size`` pieces, ``no_grad``, output checks).  A plain function
+device placement, chunking into ``batch_size`` pieces, ``no_grad``, output checks, and a
+:class:`ConstantRewardWarning`, once per reward, when every image of a batch gets the same score).  A plain function
 becomes a reward with :class:`CallableReward` or :func:`as_reward`.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -24,13 +27,17 @@ from torch import Tensor
 
 from lit_diffac.errors import RewardOutputError
 
-__all__ = ["Reward", "CallableReward", "as_reward", "RewardFn"]
+__all__ = ["Reward", "CallableReward", "as_reward", "RewardFn", "ConstantRewardWarning"]
 
 #: Signature of a plain reward function: ``fn(images [B,3,H,W] in [0,1], prompts, **metadata) -> [B]``.
 RewardFn = Callable[..., Tensor]
 
 #: Tolerance on the ``[0, 1]`` range of input images (decoders overshoot slightly).
 RANGE_TOLERANCE = 1e-3
+
+
+class ConstantRewardWarning(UserWarning):
+    """A reward gave every image of a batch (two or more images) the same score: no learning signal."""
 
 
 class Reward(torch.nn.Module, abc.ABC):
@@ -45,6 +52,9 @@ class Reward(torch.nn.Module, abc.ABC):
             scores on the images' device.  The module's parameters and buffers are moved there.
 
     Calling the reward (:meth:`forward`) returns float32 scores ``[B]`` on the *input images'* device.
+    When every finite score of a batch of two or more images is the same, it warns once per reward
+    (:class:`ConstantRewardWarning`): all advantages are then 0 and the policy learns nothing from it, which
+    usually means the reward does not apply to these images (e.g. a colour reward on grey images).
     Non-finite scores (NaN, ±inf) are passed through unchanged: the training loop decides how to treat
     them (it skips that iteration's update and counts it in ``fault/skipped_iterations``; several in a row
     stop the run with a checkpoint), so a single failed sample does not abort scoring of the batch.
@@ -61,6 +71,7 @@ class Reward(torch.nn.Module, abc.ABC):
         self.name: str = name or self.default_name
         self.batch_size = batch_size
         self.device_override: torch.device | None = torch.device(device) if device is not None else None
+        self._warned_constant = False
 
     @abc.abstractmethod
     def score(self, images: Tensor, prompts: list[str], **metadata: Any) -> Tensor:
@@ -132,7 +143,31 @@ class Reward(torch.nn.Module, abc.ABC):
                 chunks.append(self._check_output(scores, stop - start).to(out_device, torch.float32))
             if not chunks:
                 return torch.zeros(0, dtype=torch.float32, device=out_device)
-            return torch.cat(chunks)
+            scores = torch.cat(chunks)
+        self._warn_if_constant(scores)
+        return scores
+
+    def _warn_if_constant(self, scores: Tensor) -> None:
+        """Warn (once per reward) when every finite score of a batch of >= 2 images is the same."""
+        if getattr(self, "_warned_constant", False) or scores.numel() < 2:
+            return
+        finite = scores[torch.isfinite(scores)]
+        if finite.numel() < 2 or not bool((finite == finite[0]).all()):
+            return
+        self._warned_constant = True
+        warning = ConstantRewardWarning(
+            f"reward {self.name!r} gave all {finite.numel()} images of a batch the same score "
+            f"({finite[0].item():.4g}): a constant reward teaches the policy nothing (all its advantages are 0). "
+            "Check it on your images (e.g. a colour reward scores grey images 0); shown once per reward.")
+        # Point at the reward's own scoring code (the user's file), not at torch's Module.__call__.
+        func = getattr(self, "fn", None) if isinstance(self, CallableReward) else None
+        func = func if hasattr(func, "__code__") else type(self).score
+        code = getattr(func, "__code__", None)
+        if code is None:
+            warnings.warn(warning, stacklevel=2)
+        else:
+            warnings.warn_explicit(warning, ConstantRewardWarning, code.co_filename, code.co_firstlineno,
+                                   module=getattr(func, "__module__", None) or __name__)
 
     def extra_repr(self) -> str:
         parts = [f"name={self.name!r}"]
@@ -189,7 +224,10 @@ class CallableReward(Reward):
 
     default_name = "callable"
 
-    def __init__(self, fn: RewardFn | str, name: str | None = None, batch_size: int | None = None,
+    # ``str`` first: jsonargparse (4.53) then keeps a recipe's dotted path as given, so the run's saved
+    # config.yaml holds it (with ``RewardFn`` first it writes "Unable to serialize instance ...", and
+    # ``lit-diffac sample`` / ``export`` cannot rebuild the run from that file).
+    def __init__(self, fn: str | RewardFn, name: str | None = None, batch_size: int | None = None,
                  device: str | None = None) -> None:
         resolved = _import_callable(fn) if isinstance(fn, str) else fn
         if not callable(resolved):

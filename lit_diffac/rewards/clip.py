@@ -12,8 +12,14 @@ Preprocessing (:class:`ClipImagePreprocess`) reproduces the originals exactly:
   ``CLIPImageProcessor`` (``crop_rounding="floor"``) and torchvision's ``Resize(PIL) + CenterCrop`` of
   OpenAI CLIP, ImageReward and the aesthetic predictor (``crop_rounding="round"``).
 * ``resample="tensor"``: the uint8 image is converted to float first and resized with
-  ``F.interpolate(mode="bicubic", antialias=...)``: OpenCLIP's eval transform (``ToTensor`` *before*
-  ``Resize``), used by HPSv2.
+  ``F.interpolate(mode="bicubic", antialias=...)``, as torchvision resizes tensors (OpenCLIP's eval
+  transforms convert with ``ToTensor`` *before* resizing).
+* ``resize_mode="longest"`` (with ``resample="tensor"``): HPSv2's letterbox, ``ResizeMaxSize`` of the
+  ``open_clip`` vendored in ``tgxs002/HPSv2`` (``hpsv2/src/open_clip/transform.py``, selected by
+  ``create_model_and_transforms(..., light_augmentation=True)``): the *longer* side is resized to ``size``
+  (the other to ``round(side * size / longest)``, Python's round), then the image is padded with 0 (black,
+  before normalisation) to ``size × size``, ``pad // 2`` before and the rest after (left/top get the
+  smaller half).  Nothing is cropped.
 
 The two crop roundings differ only when ``resized - crop`` is odd (never for square images).
 """
@@ -123,6 +129,14 @@ def crop_offsets(height: int, width: int, crop: int, rounding: Literal["floor", 
     return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
 
 
+def letterbox_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """Shape after resizing the *longer* side to ``size`` with the aspect ratio kept, as HPSv2's
+    ``ResizeMaxSize``: ``scale = size / max(h, w)``, each side ``round(side * scale)`` (Python's round,
+    halves to even)."""
+    scale = size / float(max(height, width))
+    return round(height * scale), round(width * scale)
+
+
 def quantize(images: Tensor) -> Tensor:
     """``[B, 3, H, W]`` in [0, 1] → uint8, ``round(x * 255)`` clamped (how generated images are saved)."""
     return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
@@ -139,23 +153,34 @@ class ClipImagePreprocess(nn.Module):
             or ``"tensor"`` (float ``F.interpolate`` bicubic, as torchvision on tensors; OpenCLIP/HPSv2).
         crop_rounding: ``"floor"`` (transformers) or ``"round"`` (torchvision) for the crop offset.
         antialias: for ``resample="tensor"``: antialiased bicubic (torchvision >= 0.17 default).
+        resize_mode: ``"shortest"`` (resize the shorter side to ``size``, centre-crop) or ``"longest"``
+            (HPSv2's letterbox: resize the longer side to ``size``, pad with ``fill`` to a square; needs
+            ``resample="tensor"``; ``crop_size`` must be ``size``).
+        fill: the padding value of ``resize_mode="longest"``, in [0, 1] pixel units (before normalising).
 
     The output is on the images' device.  ``resample="pil"`` runs on the CPU (one PIL call per image).
     """
 
     def __init__(self, size: int = 224, crop_size: int | None = None, mean: Sequence[float] = OPENAI_CLIP_MEAN,
                  std: Sequence[float] = OPENAI_CLIP_STD, resample: Literal["pil", "tensor"] = "pil",
-                 crop_rounding: Literal["floor", "round"] = "floor", antialias: bool = True) -> None:
+                 crop_rounding: Literal["floor", "round"] = "floor", antialias: bool = True,
+                 resize_mode: Literal["shortest", "longest"] = "shortest", fill: float = 0.0) -> None:
         super().__init__()
         if resample not in ("pil", "tensor"):
             raise ValueError(f"resample must be 'pil' or 'tensor', got {resample!r}")
         if crop_rounding not in ("floor", "round"):
             raise ValueError(f"crop_rounding must be 'floor' or 'round', got {crop_rounding!r}")
+        if resize_mode not in ("shortest", "longest"):
+            raise ValueError(f"resize_mode must be 'shortest' or 'longest', got {resize_mode!r}")
+        if resize_mode == "longest" and (resample != "tensor" or int(crop_size or size) != int(size)):
+            raise ValueError("resize_mode='longest' (letterbox) needs resample='tensor' and crop_size == size")
         self.size = int(size)
         self.crop_size = int(crop_size or size)
         self.resample = resample
         self.crop_rounding = crop_rounding
         self.antialias = antialias
+        self.resize_mode = resize_mode
+        self.fill = float(fill)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -201,15 +226,33 @@ class ClipImagePreprocess(nn.Module):
         top, left = crop_offsets(nh, nw, self.crop_size, self.crop_rounding)
         return x[..., top:top + self.crop_size, left:left + self.crop_size]
 
+    def _letterbox_tensor(self, x: Tensor) -> Tensor:
+        """HPSv2's ``ResizeMaxSize`` on the float tensor: longer side → ``size`` (bicubic), then pad to a
+        square, ``[left, top, right, bottom] = [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2]``."""
+        h, w = x.shape[-2:]
+        nh, nw = letterbox_shape(h, w, self.size)
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=self.antialias)
+        # The original skips the padding too when the longer side is already `size` (scale == 1), which
+        # leaves a non-square image that its ViT cannot take; here such an image is padded as well.
+        pad_h, pad_w = self.size - nh, self.size - nw
+        if pad_h or pad_w:
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=self.fill)
+        return x
+
     def forward(self, images: Tensor) -> Tensor:
         pixels = quantize(images)
         if self.resample == "pil":
             x = self._resize_crop_pil(pixels).to(images.device)
+        elif self.resize_mode == "longest":
+            x = self._letterbox_tensor(pixels.float() / 255.0)
         else:
             x = self._resize_crop_tensor(pixels.float() / 255.0)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def extra_repr(self) -> str:
+        if self.resize_mode == "longest":
+            return f"size={self.size}, resample={self.resample!r}, resize_mode='longest', fill={self.fill}"
         return (f"size={self.size}, crop_size={self.crop_size}, resample={self.resample!r}, "
                 f"crop_rounding={self.crop_rounding!r}")
 

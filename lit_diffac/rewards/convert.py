@@ -401,18 +401,29 @@ def _clip_tokenizer(folder: str, vocab_size: int) -> Any:
     return tokenizer
 
 
-def _blip_tokenizer(folder: str, vocab_size: int) -> Any:
-    from transformers import AutoTokenizer
+def _blip_tokenizer(folder: str, vocab_size: int, max_length: int = 35) -> Any:
+    """BLIP's tokenizer built from ``folder``'s ``vocab.txt`` (``BertTokenizer`` + ``[DEC]`` + ``[ENC]``, see
+    :func:`~lit_diffac.rewards.image_reward.blip_tokenizer`), checked against the model and to pad as
+    ``ImageReward.score`` does, so that a tokenizer that cannot score fails here and not at training time."""
+    from lit_diffac.rewards.image_reward import blip_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    vocab = tokenizer.get_vocab()
-    if "[DEC]" not in vocab:  # BLIP's init_tokenizer: bert-base-uncased + [DEC] (bos) + [ENC]
-        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    if "[ENC]" not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    if not Path(folder).is_dir():
+        raise ConversionError(f"tokenizer folder '{folder}' does not exist (expected the vocab.txt of "
+                              "bert-base-uncased)")
+    try:
+        tokenizer = blip_tokenizer(folder)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
     if len(tokenizer) != vocab_size:
         raise ConversionError(f"the tokenizer in '{folder}' has {len(tokenizer)} tokens with [DEC] and [ENC] but the "
                               f"model's vocabulary has {vocab_size} (expected bert-base-uncased)")
+    try:
+        ids = tokenizer(["a photo of a cat"], padding="max_length", truncation=True, max_length=max_length)["input_ids"]
+    except ValueError as err:  # e.g. "Asking to pad but the tokenizer does not have a padding token"
+        raise ConversionError(f"the tokenizer built from '{folder}' cannot tokenize as ImageReward does: "
+                              f"{err}") from None
+    if len(ids[0]) != max_length or ids[0][-1] != tokenizer.pad_token_id:
+        raise ConversionError(f"the tokenizer built from '{folder}' does not pad to {max_length} tokens with [PAD]")
     return tokenizer
 
 
@@ -459,7 +470,7 @@ def convert_reward_main(argv: list[str]) -> int:
         else:
             config, converted = convert_image_reward_state_dict(state, vision_heads=args.vision_heads,
                                                                 text_heads=args.text_heads or 12, dtype=dtype)
-            tokenizer = _blip_tokenizer(args.tokenizer, config["text_config"]["vocab_size"])
+            tokenizer = _blip_tokenizer(args.tokenizer, config["text_config"]["vocab_size"], config["max_length"])
     except (ValueError, OSError) as err:  # ConversionError, a missing file or tokenizer
         sys.stderr.write(f"error: {err}\n")
         return 2

@@ -7,7 +7,10 @@ head on the ``[CLS]`` feature, bundled in :class:`ImageRewardModel`.  Convert th
 
     lit-diffac convert-reward image-reward ImageReward.pt OUT_DIR --tokenizer BERT_BASE_UNCASED_DIR
 
-and pass ``OUT_DIR`` as ``pretrained``.
+and pass ``OUT_DIR`` as ``pretrained``.  The tokenizer is BLIP's (``init_tokenizer`` of
+``ImageReward/models/BLIP/blip.py``): ``BertTokenizer`` of ``bert-base-uncased``'s ``vocab.txt`` with
+``[DEC]`` added as the bos token and ``[ENC]`` as an extra special token (:func:`blip_tokenizer`); the
+conversion saves it next to the weights.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from lit_diffac.rewards.clip import (
     ClipImagePreprocess,
     RewardMLP,
     check_weights,
-    load_tokenizer,
     parse_dtype,
 )
 
-__all__ = ["ImageReward", "ImageRewardModel", "IMAGE_REWARD_MEAN", "IMAGE_REWARD_STD", "IMAGE_REWARD_GET"]
+__all__ = ["ImageReward", "ImageRewardModel", "IMAGE_REWARD_MEAN", "IMAGE_REWARD_STD", "IMAGE_REWARD_GET",
+           "blip_tokenizer", "load_blip_tokenizer"]
 
 #: The published output normalisation of ImageReward v1.0 (``ImageReward/ImageReward.py``).
 IMAGE_REWARD_MEAN = 0.16717362830052426
@@ -43,6 +46,67 @@ IMAGE_REWARD_GET = ("Download ImageReward.pt from https://huggingface.co/THUDM/I
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+#: The special tokens of ``bert-base-uncased`` that BLIP's ``BertTokenizer`` uses ([PAD] pads, id 0).
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def blip_tokenizer(folder: str | Path) -> Any:
+    """BLIP's tokenizer (``init_tokenizer`` in ``ImageReward/models/BLIP/blip.py``), built explicitly from the
+    ``vocab.txt`` of ``bert-base-uncased`` in ``folder``: ``BertTokenizer`` (WordPiece, lower-cased, accents
+    stripped, ``[PAD]``/``[UNK]``/``[CLS]``/``[SEP]``/``[MASK]``), then ``[DEC]`` added as the bos token and
+    ``[ENC]`` as an additional special token (ids ``len(vocab)`` and ``len(vocab) + 1``).
+
+    Other files of the folder are not used (``do_lower_case`` is read from ``tokenizer_config.json`` when
+    present), so a download of just ``vocab.txt`` and ``tokenizer_config.json`` / ``tokenizer.json`` works
+    even though those carry no ``tokenizer_class`` (``AutoTokenizer`` would then build a tokenizer without
+    a padding token).
+
+    Raises:
+        ValueError: no ``vocab.txt`` in ``folder``, or a BERT special token missing from it.
+    """
+    from transformers import BertTokenizer
+
+    folder = Path(folder)
+    vocab_file = folder / "vocab.txt"
+    if not vocab_file.is_file():
+        raise ValueError(f"no vocab.txt in the tokenizer folder '{folder}': ImageReward uses BLIP's BERT tokenizer, "
+                         "built from the vocab.txt of bert-base-uncased (https://huggingface.co/google-bert/"
+                         "bert-base-uncased); download it into that folder")
+    words = {line.rstrip("\n") for line in vocab_file.read_text(encoding="utf-8").splitlines()}
+    missing = [token for token in BERT_SPECIAL_TOKENS if token not in words]
+    if missing:
+        raise ValueError(f"'{vocab_file}' lacks the BERT special tokens {missing}: expected the vocab.txt of "
+                         "bert-base-uncased")
+    do_lower_case = True
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        do_lower_case = bool(json.loads(config_file.read_text()).get("do_lower_case", True))
+    tokenizer = BertTokenizer(str(vocab_file), do_lower_case=do_lower_case, unk_token="[UNK]", sep_token="[SEP]",
+                              pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]", model_max_length=512)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def load_blip_tokenizer(folder: str | Path, vocab_size: int | None = None) -> Any:
+    """The tokenizer saved by ``lit-diffac convert-reward image-reward`` in ``folder``, loaded as a
+    ``BertTokenizer`` (whatever class its ``tokenizer_config.json`` names), checked to pad with ``[PAD]``
+    and, given ``vocab_size``, to fit the text encoder's vocabulary."""
+    from transformers import BertTokenizer
+
+    p = check_weights(folder, what="ImageReward tokenizer", get=IMAGE_REWARD_GET,
+                      files=("tokenizer.json|vocab.txt",))
+    tokenizer = BertTokenizer.from_pretrained(str(p), local_files_only=True)
+    redo = ("convert the checkpoint again with `lit-diffac convert-reward image-reward ImageReward.pt OUT_DIR "
+            "--tokenizer BERT_DIR` (BERT_DIR: the vocab.txt of bert-base-uncased)")
+    pad = tokenizer.pad_token_id
+    if tokenizer.pad_token != "[PAD]" or pad is None or pad == tokenizer.unk_token_id:
+        raise ValueError(f"the ImageReward tokenizer in '{p}' has no [PAD] padding token; {redo}")
+    if vocab_size is not None and len(tokenizer) != vocab_size:
+        raise ValueError(f"the ImageReward tokenizer in '{p}' has {len(tokenizer)} tokens but the text encoder's "
+                         f"vocabulary has {vocab_size}; {redo}")
+    return tokenizer
 
 
 class ImageRewardModel(nn.Module):
@@ -112,7 +176,8 @@ class ImageReward(Reward):
 
     Preprocessing: ``Resize(224, BICUBIC)`` on the PIL image, ``CenterCrop(224)`` (torchvision, rounded
     offsets), ``ToTensor``, OpenAI CLIP mean/std.  Prompts: BLIP's ``bert-base-uncased`` tokenizer
-    (with the added ``[DEC]`` / ``[ENC]`` tokens), ``padding="max_length"``, truncated to 35 tokens.
+    (:func:`blip_tokenizer`: with the added ``[DEC]`` / ``[ENC]`` tokens), ``padding="max_length"`` with
+    ``[PAD]``, truncated to 35 tokens (``[CLS] … [SEP]``).
 
     Model: image tokens of the ViT-L/16 (after its final LayerNorm) are the cross-attention memory of the
     BERT text encoder; the ``[CLS]`` output goes through the MLP ``768→1024→128→64→16→1``.
@@ -135,7 +200,8 @@ class ImageReward(Reward):
         self.dtype = parse_dtype(dtype)
         self.normalize = normalize
         self.model = ImageRewardModel.from_pretrained(pretrained, dtype=self.dtype)
-        self.tokenizer = load_tokenizer(pretrained, what="ImageReward tokenizer", get=IMAGE_REWARD_GET)
+        self.tokenizer = load_blip_tokenizer(pretrained,
+                                             vocab_size=int(self.model.config["text_config"]["vocab_size"]))
         self.preprocess = ClipImagePreprocess(size=self.model.image_size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                                               resample="pil", crop_rounding="round")
 
