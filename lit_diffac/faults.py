@@ -190,7 +190,7 @@ class GracefulStop(Checkpoint):
         for callback in trainer.callbacks:  # its next last.ckpt then replaces this one (no last-v1.ckpt)
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath == str(path.parent):
                 callback.last_model_path = str(path)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full resumable state (optimisers, loops, callbacks)
         self._saved_at = time.monotonic()
         return path
 
