@@ -16,6 +16,7 @@ import torch
 
 from lit_diffac.backbones.base import DiffusionBackbone
 from lit_diffac.data.prompts import PromptSource, load_prompts
+from lit_diffac.resume import capture_rng_state, restore_rng_state
 from lit_diffac.rewards.base import Reward
 from lit_diffac.rollout import collect_rollout
 from lit_diffac.samplers import DDIMSampler, FlowSDESampler
@@ -219,8 +220,6 @@ class HeldOutEvaluation:
         The global random number generators are left as they were (a reward may draw from them), so when and
         how often a run evaluates changes nothing in its training.
         """
-        from lit_diffac.resume import capture_rng_state, restore_rng_state
-
         state = capture_rng_state()
         try:
             return self._measure(backbone, sampler, training_rewards, device)

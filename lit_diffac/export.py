@@ -364,24 +364,6 @@ def run_provenance(checkpoint: dict, ckpt: str, config: str | Path, overrides: l
     return provenance
 
 
-def load_trained_module(recipe: str, ckpt: str, overrides: list[str]):
-    """``(module, checkpoint)``: the recipe's module with the checkpoint's weights, reading the checkpoint once
-    (weights-only, checked; as :func:`lit_diffac.sampling.load_module`) and keeping its other sections."""
-    from lit_diffac.checkpoints import CorruptCheckpointError, load_checkpoint
-    from lit_diffac.resume import check_compatible
-    from lit_diffac.sampling import load_module
-
-    checkpoint = load_checkpoint(ckpt, map_location="cpu")
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise CorruptCheckpointError(f"checkpoint {ckpt} is not a Lightning checkpoint (it has no state_dict): "
-                                     "pass a .ckpt file of a lit-diffac run")
-    module = load_module(recipe, None, overrides)
-    check_compatible(module.state_dict(), state, ckpt, ignore_prefixes=("rewards.",))
-    module.load_state_dict(state, strict=False)
-    return module.eval(), checkpoint
-
-
 def export_main(argv: list[str]) -> int:
     """write a checkpoint's policy (LoRA, merged or full weights, diffusers format) and critic as safetensors"""
     layout = __doc__[__doc__.index("    OUT/lora"):__doc__.index("``model_index.json``:")].rstrip().replace("``", "")
@@ -413,9 +395,11 @@ def export_main(argv: list[str]) -> int:
 
     import torch
 
+    from lit_diffac.sampling import load_module_and_checkpoint
+
     with tempfile.TemporaryDirectory() as tmp:
         recipe = recipe_from_run_config(config, tmp) if args.config is None else config
-        module, checkpoint = load_trained_module(recipe, args.ckpt, overrides)
+        module, checkpoint = load_module_and_checkpoint(recipe, args.ckpt, overrides)
     provenance = run_provenance(checkpoint, args.ckpt, config, overrides, module)
     del checkpoint
     with torch.no_grad():

@@ -20,6 +20,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_diffac.faults import checkpoint_dir
+
 #: summary.json reports training diagnostics averaged over this many final iterations.
 SUMMARY_WINDOW = 10
 
@@ -201,8 +203,6 @@ class RunReport(L.Callback):
         """Write ``summary.json`` (naming ``last.ckpt`` if written) into the run's log folder; return its path."""
         if not (trainer.is_global_zero and trainer.logger is not None and trainer.log_dir is not None):
             return None
-        from lit_diffac.faults import checkpoint_dir
-
         last = checkpoint_dir(trainer) / "last.ckpt"
         return pl_module.history.write_summary(Path(trainer.log_dir) / "summary.json", type(pl_module).__name__,
                                                trainer.current_epoch, pl_module.hparams.seed,

@@ -29,11 +29,17 @@ def load_module(config: str, ckpt: str | None = None, overrides: list[str] | Non
 
     ``ckpt`` is a file or an ``http(s)://`` URL, read by :func:`lit_diffac.checkpoints.load_checkpoint`
     (``weights_only=True``; a corrupt, truncated or non-weights-only file raises a one-line error)."""
+    return load_module_and_checkpoint(config, ckpt, overrides)[0]
+
+
+def load_module_and_checkpoint(config: str, ckpt: str | None = None, overrides: list[str] | None = None):
+    """``(module in eval mode, checkpoint dict or None)``: :func:`load_module`, keeping the checkpoint's other
+    sections (its ``lit_diffac`` training state, for an export's provenance); the checkpoint is read first and
+    once, so a bad one fails before the model is built."""
     from lit_diffac.cli import LitDiffacCLI
     from lit_diffac.resume import check_compatible
 
-    cli = LitDiffacCLI(["--config", config, *(overrides or [])], run=False)
-    module = cli.model
+    checkpoint = state = None
     if ckpt is not None:
         from lit_diffac.checkpoints import CorruptCheckpointError, load_checkpoint
 
@@ -43,9 +49,11 @@ def load_module(config: str, ckpt: str | None = None, overrides: list[str] | Non
         if not isinstance(state, dict):
             raise CorruptCheckpointError(f"checkpoint {ckpt} is not a Lightning checkpoint (it has no state_dict): "
                                          "pass a .ckpt file of a lit-diffac run")
+    module = LitDiffacCLI(["--config", config, *(overrides or [])], run=False).model
+    if state is not None:
         check_compatible(module.state_dict(), state, ckpt, ignore_prefixes=("rewards.",))
         module.load_state_dict(state, strict=False)
-    return module.eval()
+    return module.eval(), checkpoint
 
 
 def save_images(images: torch.Tensor, folder: Path, names: list[str]) -> None:

@@ -214,12 +214,7 @@ def load_component(cls: Any, path: str, subfolder: str, is_local: bool, **kwargs
     try:
         return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
     except Exception as err:  # noqa: BLE001 - hub/network errors come in many types; all mean "not available"
-        name = path.split("/")[-1]
-        raise PipelineNotFoundError(
-            f"cannot load '{subfolder}/' of hub id {path!r} (no local folder of that name, so the Hugging "
-            f"Face Hub was tried: {type(err).__name__}; offline, gated or misspelt?): offline use needs a "
-            f"local folder: download it first, e.g. `hf download {path} --local-dir weights/{name}`, and "
-            f"pass pretrained: ./weights/{name}") from err
+        raise _hub_failure(f"cannot load '{subfolder}/'", path, err) from err
 
 
 def hub_has_subfolder(path: str, name: str, is_local: bool) -> bool:
@@ -237,13 +232,17 @@ def hub_has_subfolder(path: str, name: str, is_local: bool) -> bool:
     try:
         index = DiffusionPipeline.load_config(path)
     except Exception as err:  # noqa: BLE001
-        short = path.split("/")[-1]
-        raise PipelineNotFoundError(
-            f"cannot read model_index.json of hub id {path!r} (no local folder of that name, so the Hugging "
-            f"Face Hub was tried: {type(err).__name__}; offline, gated or misspelt?): offline use needs a "
-            f"local folder: download it first, e.g. `hf download {path} --local-dir weights/{short}`, and "
-            f"pass pretrained: ./weights/{short}") from err
+        raise _hub_failure("cannot read model_index.json", path, err) from err
     return name in index and index[name][0] is not None
+
+
+def _hub_failure(what: str, path: str, err: Exception) -> PipelineNotFoundError:
+    """The one-line error for a hub download of ``path`` that failed with ``err`` (``what`` failed)."""
+    name = path.split("/")[-1]
+    return PipelineNotFoundError(
+        f"{what} of hub id {path!r} (no local folder of that name, so the Hugging Face Hub was tried: "
+        f"{type(err).__name__}; offline, gated or misspelt?): offline use needs a local folder: download it first, "
+        f"e.g. `hf download {path} --local-dir weights/{name}`, and pass pretrained: ./weights/{name}")
 
 
 def load_dit_components(pretrained: str, use_t5: bool = True) -> PipelineComponents:
