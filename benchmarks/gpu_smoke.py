@@ -46,7 +46,7 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
     critic_rank = variant.get("critic_lora_rank", 0)
     common = dict(lora_rank=8, weights_dtype=args.weights_dtype, autocast_dtype="bfloat16",
                   gradient_checkpointing=True, vae_decode_batch=2, critic_lora_rank=critic_rank,
-                  negative_prompt=variant.get("negative_prompt", ""))
+                  cfg_scale=variant.get("cfg_scale", 1.0), negative_prompt=variant.get("negative_prompt", ""))
     if family == "sd15":
         backbone = UNetBackbone(str(folder), feature_taps=["down_blocks.1", "mid_block", "up_blocks.1"], **common)
         sampler = DDIMSampler(num_steps=args.steps, eta=1.0)
@@ -57,7 +57,7 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
         backbone=backbone, rewards=[Brightness()], sampler=sampler, train_prompts=["a photo of a cat", "a red sign"],
         evaluation=HeldOutEvaluation(prompts=["a photo of a dog"], samples_per_prompt=1, diversity=False),
         batch_size=args.batch_size, minibatch_size=args.batch_size * 2, clip_range=1e-4,
-        cfg_scale=variant.get("cfg_scale", 1.0), value_gradient="critic_lora" if critic_rank else "detached",
+        value_gradient="critic_lora" if critic_rank else "detached",
         seed=0)
     times, metrics = [], []
 

@@ -221,7 +221,7 @@ def build_modules(name: str, backbone, settings: dict):
     common = dict(rewards=[CallableReward(_zero_reward, name="bench")], train_prompts=PROMPTS,
                   evaluation=HeldOutEvaluation(prompts=PROMPTS[:1], samples_per_prompt=1, diversity=False),
                   value_head=functools.partial(ValueHead, **VALUE_HEAD), batch_size=batch, minibatch_size=MINIBATCH,
-                  num_inner_epochs=1, clip_range=CLIP_RANGE[name], actor_lr=1e-4, critic_lr=1e-3, cfg_scale=1.0,
+                  num_inner_epochs=1, clip_range=CLIP_RANGE[name], actor_lr=1e-4, critic_lr=1e-3,
                   seed=settings["seed"])
     critic = LatentActorCritic(backbone=backbone, sampler=sampler(), **common,
                                estimator=CriticGAE(gamma=1.0, lam=1.0, advantage_clip=10.0, target_clip=5.0))

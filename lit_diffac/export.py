@@ -359,8 +359,7 @@ def run_provenance(checkpoint: dict, ckpt: str, config: str | Path, overrides: l
         if sampler is not None:
             params = sampler._hparams() if hasattr(sampler, "_hparams") else {}
             provenance["sampling"] = {"sampler": f"{type(sampler).__module__}.{type(sampler).__name__}", **params,
-                                      "cfg_scale": getattr(module.hparams, "cfg_scale", None)
-                                      if hasattr(module, "hparams") else None}
+                                      "cfg_scale": getattr(getattr(module, "backbone", None), "cfg_scale", None)}
     return provenance
 
 

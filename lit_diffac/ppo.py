@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -172,12 +172,29 @@ def build_optimizer(factory: Callable[[list[nn.Parameter]], torch.optim.Optimize
     return optimizer
 
 
-def apply_learning_rates(optimizers: Iterable[tuple[str, torch.optim.Optimizer | None, float]]) -> list[str]:
+def apply_learning_rates(optimizers: Iterable[tuple[str, torch.optim.Optimizer | None, float]],
+                         schedulers: Sequence[Any] | None = None) -> list[str]:
     """Set each ``(name, optimizer, lr)``'s learning rate (a resumed run's optimiser states carry the old one);
-    return a message for each one that changed."""
+    return a message for each one that changed.
+
+    With ``schedulers`` (one per optimiser present, in order) the restored schedule keeps its place: when the
+    recipe's ``lr`` differs from a schedule's base rate, the base rate becomes ``lr`` and the current rate is
+    rescaled by ``lr / base`` (exact for schedules proportional to the base rate: cosine to 0, step, linear,
+    exponential, lambda).
+    """
     messages = []
-    for name, optimizer, lr in optimizers:
-        if optimizer is None:
+    present = [(name, opt, lr) for name, opt, lr in optimizers if opt is not None]
+    schedulers = list(schedulers) if schedulers is not None else [None] * len(present)
+    for (name, optimizer, lr), scheduler in zip(present, schedulers):
+        if scheduler is not None:
+            old = set(scheduler.base_lrs)
+            if old != {lr}:
+                for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                    group["lr"] *= lr / base
+                    group["initial_lr"] = lr
+                scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+                messages.append(f"{name} base learning rate {', '.join(f'{v:g}' for v in sorted(old))} -> {lr:g}, "
+                                "schedule rescaled (the recipe's value replaces the checkpoint's)")
             continue
         old = {group["lr"] for group in optimizer.param_groups}
         if old != {lr}:

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from lit_diffac.backbones.unet import UNetBackbone
 from lit_diffac.evaluation import HeldOutEvaluation
 from lit_diffac.modules.actor_critic import LatentActorCritic
 from lit_diffac.rewards.base import CallableReward
@@ -145,14 +146,14 @@ def test_every_option_changes_the_update(unet_backbone, toy_pipelines, option, v
     assert not torch.equal(results[0], results[1])
 
 
-def test_cfg_changes_rollout(unet_backbone):
+def test_cfg_changes_rollout(unet_backbone, toy_pipelines):
     a = rollout_for(make_module(unet_backbone))
-    b = rollout_for(make_module(unet_backbone, cfg_scale=3.0))
+    b = rollout_for(make_module(UNetBackbone(str(toy_pipelines["unet"]), cfg_scale=3.0)))
     assert not torch.allclose(a.latents[:, -1], b.latents[:, -1])
 
 
-def test_cfg_on_policy(unet_backbone):
-    module = make_module(unet_backbone, cfg_scale=2.0)
+def test_cfg_on_policy(toy_pipelines):
+    module = make_module(UNetBackbone(str(toy_pipelines["unet"]), cfg_scale=2.0))
     attach_trainer(module)
     assert update(module, rollout_for(module))["train/onpolicy_max_abs_ratio_dev"] < 1e-5
 

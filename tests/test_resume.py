@@ -202,3 +202,42 @@ def test_learning_rates_changed_on_resume_are_applied(toy_pipelines, tmp_path, c
     out = capsys.readouterr().out
     assert "actor learning rate 0.001 -> 0.0005 (the recipe's value replaces the checkpoint's)" in out
     assert "critic learning rate 0.001 -> 0.002" in out
+
+
+def halving(optimizer):
+    """A learning-rate schedule for the tests: ×0.5 per iteration."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+
+def test_a_learning_rate_schedule_steps_per_iteration_and_resumes_exactly(toy_pipelines, tmp_path):
+    pipeline = toy_pipelines["dit"]
+    whole, whole_metrics, _ = fit(LatentActorCritic, pipeline, tmp_path, "whole", 4, lr_scheduler=halving)
+    assert [m["train/actor_lr"] for m in whole_metrics] == [1e-3 * 0.5 ** k for k in range(4)]
+    assert [m["train/critic_lr"] for m in whole_metrics] == [1e-3 * 0.5 ** k for k in range(4)]
+    _, first_metrics, _ = fit(LatentActorCritic, pipeline, tmp_path, "split", 2, lr_scheduler=halving)
+    ckpt = tmp_path / "split" / "ckpt" / "last.ckpt"
+    assert len(torch.load(ckpt, weights_only=True)["lr_schedulers"]) == 2  # one schedule per optimiser
+    resumed, resumed_metrics, trainer = fit(LatentActorCritic, pipeline, tmp_path, "resumed", 4, ckpt_path=ckpt,
+                                            lr_scheduler=halving)
+    assert first_metrics + resumed_metrics == whole_metrics  # the schedule went on where it stopped
+    assert_same_state(whole, resumed)
+    assert [g["lr"] for opt in trainer.optimizers for g in opt.param_groups] == [1e-3 * 0.5 ** 4] * 2
+
+
+def test_a_recipe_rate_changed_on_resume_rescales_the_schedule(toy_pipelines, tmp_path, capsys):
+    fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "first", 2, lr_scheduler=halving)
+    ckpt = tmp_path / "first" / "ckpt" / "last.ckpt"
+    capsys.readouterr()
+    _, metrics, _ = fit(LatentActorCritic, toy_pipelines["dit"], tmp_path, "second", 3, ckpt_path=ckpt,
+                        actor_lr=2e-3, lr_scheduler=halving)
+    assert metrics[0]["train/actor_lr"] == 2e-3 * 0.25 and metrics[0]["train/critic_lr"] == 1e-3 * 0.25
+    out = capsys.readouterr().out
+    assert "actor base learning rate 0.001 -> 0.002, schedule rescaled" in out and "critic" not in out.split("rescaled")[1]
+
+
+def test_value_pretraining_takes_a_schedule_too(toy_pipelines, tmp_path):
+    from lit_diffac.modules import ValuePretraining
+
+    _, metrics, _ = fit(ValuePretraining, toy_pipelines["dit"], tmp_path, "vp", 2, lr_scheduler=halving,
+                        output_path=str(tmp_path / "head.safetensors"))
+    assert [m["train/critic_lr"] for m in metrics] == [1e-3, 5e-4] and "train/actor_lr" not in metrics[0]

@@ -157,6 +157,11 @@ def test_low_precision_weights_need_lora(sd_pipelines):
         UNetBackbone(str(sd_pipelines["sd15"]), lora_rank=2, weights_dtype="float8")
 
 
+def test_guidance_below_one_is_refused(sd_pipelines):
+    with pytest.raises(ValueError, match=r"cfg_scale must be >= 1 \(1 = no guidance; got 0.5\)"):
+        DiTBackbone(str(sd_pipelines["sd3"]), cfg_scale=0.5)
+
+
 # ------------------------------------------------------------------------------------------ checkpointing, decode
 
 @pytest.mark.parametrize("family", ["sd15", "sd3"])

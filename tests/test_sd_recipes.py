@@ -103,12 +103,12 @@ def _run(recipe: Path, tmp_path: Path, sd_pipelines, weights, url, extra: list[s
 #: Per-recipe extra overrides, so the runs together cover float32 / bf16, CFG + negative prompt and the critic adapter.
 EXTRA = {
     "sd15/pickscore": ["--model.init_args.backbone.init_args.weights_dtype=float32",
-                       "--model.init_args.cfg_scale=2.0",
+                       "--model.init_args.backbone.init_args.cfg_scale=2.0",
                        "--model.init_args.backbone.init_args.negative_prompt=blurry, low quality"],
     "sd15/aesthetic": ["--model.init_args.backbone.init_args.critic_lora_rank=2",
                        "--model.init_args.value_gradient=critic_lora"],
     "sd35/pickscore": ["--model.init_args.backbone.init_args.weights_dtype=float32",
-                       "--model.init_args.cfg_scale=3.0",
+                       "--model.init_args.backbone.init_args.cfg_scale=3.0",
                        "--model.init_args.backbone.init_args.negative_prompt=blurry"],
     "sd35/ocr": ["--model.init_args.backbone.init_args.critic_lora_rank=2",
                  "--model.init_args.value_gradient=critic_lora",

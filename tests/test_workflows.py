@@ -15,6 +15,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lit_diffac.cli import main
@@ -243,3 +244,26 @@ def test_main_job_needs_neither_dev_extras_nor_scikit_learn(tmp_path: Path) -> N
                            *TINY_RL], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith("summary: ")
+
+
+def test_optimizer_and_schedule_come_from_the_recipe(tmp_path: Path, monkeypatch) -> None:
+    """The README's optimiser / schedule lines, as command-line overrides: SGD with momentum, halved per iteration."""
+    monkeypatch.chdir(tmp_path)
+    args = ["run", str(RECIPES / "toy" / "actor_critic_dit.yaml"), *TINY_RL, "--trainer.max_epochs=2",
+            "--model.init_args.optimizer.class_path=torch.optim.SGD",
+            "--model.init_args.optimizer.init_args.momentum=0.9",
+            "--model.init_args.lr_scheduler.class_path=torch.optim.lr_scheduler.StepLR",
+            "--model.init_args.lr_scheduler.init_args.step_size=1",
+            "--model.init_args.lr_scheduler.init_args.gamma=0.5",
+            "--model.init_args.critic_replay=null"]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "actor_critic_dit" / "version_0"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    groups = [state["param_groups"][0] for state in ckpt["optimizer_states"]]
+    assert [g["momentum"] for g in groups] == [0.9, 0.9] and "betas" not in groups[0]  # SGD, not AdamW
+    assert [g["lr"] for g in groups] == [5e-5 * 0.25, 1e-3 * 0.25]  # two steps of the schedule
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/actor_lr")] == pytest.approx([5e-5, 2.5e-5])

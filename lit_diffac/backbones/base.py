@@ -147,6 +147,8 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     * ``critic_lora_rank``: a separate critic adapter; see :meth:`forward`.
     * ``resolution``: image side in pixels (default: the denoiser's native ``sample_size``).
     * ``max_cached_prompts``: bound on the prompt-embedding cache (oldest entries are dropped).
+    * ``cfg_scale``: classifier-free guidance in rollouts, updates and sampling
+      (``prediction = u + cfg_scale · (c − u)``; 1.0 = off, the paper's setting).
     * ``negative_prompt``: the unconditional branch's prompt under classifier-free guidance (``""``: plain CFG);
       see :meth:`encode_negative`.
     """
@@ -160,7 +162,8 @@ class DiffusionBackbone(nn.Module, abc.ABC):
                  autocast_dtype: str | None = None, gradient_checkpointing: bool = False,
                  vae_decode_batch: int | None = None, critic_lora_rank: int = 0,
                  critic_lora_alpha: float | None = None, resolution: int | None = None,
-                 max_cached_prompts: int | None = None, negative_prompt: str = "") -> None:
+                 max_cached_prompts: int | None = None, cfg_scale: float = 1.0,
+                 negative_prompt: str = "") -> None:
         super().__init__()
         from lit_diffac.backbones.lora import DEFAULT_TARGETS, apply_lora
 
@@ -169,7 +172,7 @@ class DiffusionBackbone(nn.Module, abc.ABC):
             (dtype if dtype != torch.float32 else None)
         _check_options(lora_rank=lora_rank, critic_lora_rank=critic_lora_rank, dtype=dtype,
                        vae_decode_batch=vae_decode_batch, resolution=resolution,
-                       max_cached_prompts=max_cached_prompts)
+                       max_cached_prompts=max_cached_prompts, cfg_scale=cfg_scale)
         self.denoiser = components.denoiser
         self.scheduler = components.scheduler
         self.tokenizer = components.tokenizer
@@ -194,6 +197,7 @@ class DiffusionBackbone(nn.Module, abc.ABC):
         self.taps = FeatureTaps(self.denoiser, names, self._tap_select)
         self._feature_dims = [self._tap_dim(n) for n in names]
         self.max_cached_prompts = max_cached_prompts
+        self.cfg_scale = float(cfg_scale)
         self.negative_prompt = negative_prompt
         self._prompt_cache: dict[str, PromptEmbeds] = {}
         scale = self.vae_scale_factor
@@ -368,8 +372,10 @@ def _frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def _check_options(*, lora_rank: int, critic_lora_rank: int, dtype: torch.dtype, vae_decode_batch: int | None,
-                   resolution: int | None, max_cached_prompts: int | None) -> None:
+                   resolution: int | None, max_cached_prompts: int | None, cfg_scale: float) -> None:
     problems = []
+    if not cfg_scale >= 1.0:
+        problems.append(f"cfg_scale must be >= 1 (1 = no guidance; got {cfg_scale})")
     if lora_rank < 0 or critic_lora_rank < 0:
         problems.append(f"LoRA ranks must be >= 0 (got lora_rank={lora_rank}, critic_lora_rank={critic_lora_rank})")
     if critic_lora_rank and not lora_rank:

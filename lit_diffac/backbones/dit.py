@@ -66,7 +66,7 @@ class DiTBackbone(DiffusionBackbone):
         use_t5: load and use ``text_encoder_3`` (T5) when the folder has one.
         max_sequence_length: T5 tokens (the pipeline's default: 256).
         weights_dtype, autocast_dtype, gradient_checkpointing, vae_decode_batch, critic_lora_rank,
-        critic_lora_alpha, resolution, max_cached_prompts, negative_prompt: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
+        critic_lora_alpha, resolution, max_cached_prompts, cfg_scale, negative_prompt: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
     """
 
     sampler_family = "flow"
@@ -88,6 +88,7 @@ class DiTBackbone(DiffusionBackbone):
         critic_lora_alpha: float | None = None,
         resolution: int | None = None,
         max_cached_prompts: int | None = None,
+        cfg_scale: float = 1.0,
         negative_prompt: str = "",
     ) -> None:
         if max_sequence_length < 1:
@@ -99,7 +100,8 @@ class DiTBackbone(DiffusionBackbone):
             lora_targets=lora_targets, weights_dtype=weights_dtype, autocast_dtype=autocast_dtype,
             gradient_checkpointing=gradient_checkpointing, vae_decode_batch=vae_decode_batch,
             critic_lora_rank=critic_lora_rank, critic_lora_alpha=critic_lora_alpha, resolution=resolution,
-            max_cached_prompts=max_cached_prompts, negative_prompt=negative_prompt,
+            max_cached_prompts=max_cached_prompts, cfg_scale=cfg_scale,
+            negative_prompt=negative_prompt,
         )
         #: the pipeline name this was loaded from (``None`` when built from in-memory components).
         self.pretrained = pretrained if loaded else None

@@ -39,7 +39,7 @@ class UNetBackbone(DiffusionBackbone):
         lora_targets: module names LoRA adapts.
         vae_scaling_factor: overrides the VAE config's latent scaling (SD1.5: 0.18215).
         weights_dtype, autocast_dtype, gradient_checkpointing, vae_decode_batch, critic_lora_rank,
-        critic_lora_alpha, resolution, max_cached_prompts, negative_prompt: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
+        critic_lora_alpha, resolution, max_cached_prompts, cfg_scale, negative_prompt: see :class:`~lit_diffac.backbones.base.DiffusionBackbone`.
     """
 
     sampler_family = "ddim"
@@ -60,6 +60,7 @@ class UNetBackbone(DiffusionBackbone):
         critic_lora_alpha: float | None = None,
         resolution: int | None = None,
         max_cached_prompts: int | None = None,
+        cfg_scale: float = 1.0,
         negative_prompt: str = "",
     ) -> None:
         loaded = not isinstance(pretrained, PipelineComponents)
@@ -69,7 +70,8 @@ class UNetBackbone(DiffusionBackbone):
             lora_targets=lora_targets, weights_dtype=weights_dtype, autocast_dtype=autocast_dtype,
             gradient_checkpointing=gradient_checkpointing, vae_decode_batch=vae_decode_batch,
             critic_lora_rank=critic_lora_rank, critic_lora_alpha=critic_lora_alpha, resolution=resolution,
-            max_cached_prompts=max_cached_prompts, negative_prompt=negative_prompt,
+            max_cached_prompts=max_cached_prompts, cfg_scale=cfg_scale,
+            negative_prompt=negative_prompt,
         )
         #: the pipeline name this was loaded from (``None`` when built from in-memory components).
         self.pretrained = pretrained if loaded else None

@@ -23,7 +23,7 @@ from typing import Callable, Literal, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -75,12 +75,12 @@ class LatentActorCritic(L.LightningModule):
             :class:`~lit_diffac.critic_replay.CriticReplay`); ``None``: PPO minibatches only (the paper).
         actor_lr, critic_lr: learning rates of the two optimisers.
         optimizer: optimiser for both, its ``lr`` replaced (default: AdamW, betas (0.9, 0.95), weight decay 1e-4).
+        lr_scheduler: learning-rate schedule, one instance per optimiser, stepped once per iteration (``None``:
+            constant learning rates); e.g. ``CosineAnnealingLR`` with ``T_max`` = the run's iterations.
         max_grad_norm: gradient clipping of the actor's and of the critic's parameters (``None``: off).
         value_gradient: ``"detached"`` (value loss trains only the head), ``"shared"`` (it also trains the
             backbone's policy parameters) or ``"critic_lora"`` (it trains the head and the backbone's separate
             critic adapter, ``critic_lora_rank > 0``; the features then come from an extra partial pass).
-        cfg_scale: classifier-free guidance in rollouts and updates (1.0 = off, the paper's setting); the
-            unconditional branch uses the backbone's ``negative_prompt``.
         seed: seeds prompts, rollout noise and minibatch order (with the iteration and process rank).
         faults: non-finite iterations (default :class:`NonFiniteGuard`: skip, roll back, stop after 3 in a row).
     """
@@ -107,15 +107,15 @@ class LatentActorCritic(L.LightningModule):
         actor_lr: float = 1e-4,
         critic_lr: float = 1e-3,
         optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         max_grad_norm: float | None = 1.0,
         value_gradient: Literal["detached", "shared", "critic_lora"] = "detached",
-        cfg_scale: float = 1.0,
         seed: int = 0,
         faults: NonFiniteGuard | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "rewards", "sampler", "value_head", "estimator", "evaluation",
-                                          "critic_replay", "optimizer", "faults"])
+                                          "critic_replay", "optimizer", "lr_scheduler", "faults"])
         self.automatic_optimization = False
         self.backbone = backbone
         self.rewards = nn.ModuleList([rewards] if isinstance(rewards, Reward) else list(rewards))
@@ -135,7 +135,7 @@ class LatentActorCritic(L.LightningModule):
         self.train_prompt_list = load_prompts(train_prompts)
         self.evaluation = evaluation if evaluation is not None else HeldOutEvaluation()
         self.critic_replay = critic_replay if self.value_head is not None else None
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.faults = faults if faults is not None else NonFiniteGuard()
         self.history = RunHistory()
 
@@ -165,8 +165,10 @@ class LatentActorCritic(L.LightningModule):
         return actor, critic
 
     def configure_optimizers(self):
-        actor, critic = self.build_optimizers()
-        return actor if critic is None else [actor, critic]
+        optimizers = [opt for opt in self.build_optimizers() if opt is not None]
+        if self.lr_scheduler_factory is None:
+            return optimizers[0] if len(optimizers) == 1 else optimizers
+        return optimizers, [self.lr_scheduler_factory(opt) for opt in optimizers]
 
     def critic_parameters(self) -> list[nn.Parameter]:
         """What the critic optimiser updates: the value head (and the backbone's critic adapter, if any)."""
@@ -203,7 +205,16 @@ class LatentActorCritic(L.LightningModule):
         samples = self.hparams.batch_size * self.trainer.world_size
         self.history.samples_seen += samples
         metrics.update({**timer.metrics(samples, self.history.samples_seen), "fault/dropped_samples": float(dropped)})
+        metrics.update({f"train/{name}_lr": opt.param_groups[0]["lr"]  # the rates this iteration's update used
+                        for name, opt in zip(("actor", "critic"), self.actor_critic_optimizers()) if opt is not None})
         self.log_iteration(metrics)
+        self.step_lr_schedulers()
+
+    def step_lr_schedulers(self) -> None:
+        """One step of each learning-rate schedule per iteration (updated or skipped alike)."""
+        schedulers = self.lr_schedulers() if self.lr_scheduler_factory is not None else None
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
 
     def sample_prompts(self, generator: torch.Generator) -> list[str]:
         """``batch_size`` prompts: ``batch_size / samples_per_prompt`` draws, each repeated (a group)."""
@@ -214,7 +225,7 @@ class LatentActorCritic(L.LightningModule):
         """Sample trajectories with the current policy (features kept when the critic replays them)."""
         self.backbone.eval()
         return collect_rollout(self.backbone, self.sampler, prompts, value_head=self.value_head,
-                               num_values=self.num_values, generator=generator, cfg_scale=self.hparams.cfg_scale,
+                               num_values=self.num_values, generator=generator, cfg_scale=self.backbone.cfg_scale,
                                device=self.device, keep_features=self.critic_replay is not None)
 
     @torch.no_grad()
@@ -247,7 +258,7 @@ class LatentActorCritic(L.LightningModule):
         if est.targets is not None:
             metrics.update(value_diagnostics(rollout.values, est.targets, self.reward_names))
         generator = self.generator(purpose=1)
-        uncond = self.backbone.encode_negative(1).to(self.device) if hp.cfg_scale != 1.0 else None
+        uncond = self.backbone.encode_negative(1).to(self.device) if self.backbone.cfg_scale != 1.0 else None
         train_actor = self.trains_actor()
         groups = [("actor", actor_opt if train_actor else None, list(self.backbone.policy_parameters())),
                   ("critic", critic_opt, self.critic_parameters() if critic_opt is not None else [])]
@@ -291,7 +302,7 @@ class LatentActorCritic(L.LightningModule):
         t = self.sampler.timestep_for(step_index, device=self.device)
         # Value-only updates (pretraining) need no graph through a detached-feature backbone.
         backbone_grad = self.trains_actor() or self.hparams.value_gradient != "detached"
-        cfg = self.hparams.cfg_scale
+        cfg = self.backbone.cfg_scale
         with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_grad):
             prediction, features = denoise(self.backbone, latents, t, embeds, cfg, uncond)
             step = self.sampler.step(prediction, step_index, latents, prev_sample=next_latents)
@@ -373,7 +384,9 @@ class LatentActorCritic(L.LightningModule):
 
     def on_train_start(self) -> None:  # on resume too: the recipe's learning rates win over the checkpoint's
         lrs = zip(("actor", "critic"), self.actor_critic_optimizers(), (self.hparams.actor_lr, self.hparams.critic_lr))
-        for message in apply_learning_rates(lrs):
+        schedulers = self.lr_schedulers() if self.lr_scheduler_factory is not None else None
+        for message in apply_learning_rates(lrs, schedulers if isinstance(schedulers, list) else
+                                            [schedulers] if schedulers else None):
             self.print(f"[iteration {self.current_epoch}] {message}")
 
     def val_dataloader(self) -> DataLoader:  # `lit-diffac validate / test`: one held-out evaluation (none in fit)

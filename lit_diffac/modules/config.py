@@ -40,7 +40,5 @@ def check_config(module: Any, reward_weights: Sequence[float] | None, critic_rep
         problems.append("critic_replay needs value_gradient='detached' (cached features carry no backbone graph)")
     if critic_replay is not None and not module.estimator.uses_critic:
         problems.append("critic_replay was given but this estimator uses no critic")
-    if not hp.cfg_scale >= 1.0:
-        problems.append(f"cfg_scale must be >= 1 (1 = no guidance; got {hp.cfg_scale})")
     if problems:
         raise ConfigError(f"invalid {type(module).__name__} config: " + "; ".join(problems))

@@ -56,9 +56,6 @@ class ValuePretraining(LatentActorCritic):
     def build_optimizers(self):
         return None, build_optimizer(self.optimizer_factory, list(self.value_head.parameters()), self.hparams.critic_lr)
 
-    def configure_optimizers(self):
-        return self.build_optimizers()[1]
-
     def actor_critic_optimizers(self):
         return None, self.optimizers()
 
