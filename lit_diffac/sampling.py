@@ -37,7 +37,8 @@ def load_module_and_checkpoint(config: str, ckpt: str | None = None, overrides: 
     sections (its ``lit_diffac`` training state, for an export's provenance); the checkpoint is read first and
     once, so a bad one fails before the model is built."""
     from lit_diffac.cli import LitDiffacCLI
-    from lit_diffac.resume import check_compatible
+    from lit_diffac.frozen_weights import FROZEN_KEY, restore_frozen
+    from lit_diffac.resume import CHECKPOINT_KEY
 
     checkpoint = state = None
     if ckpt is not None:
@@ -51,7 +52,10 @@ def load_module_and_checkpoint(config: str, ckpt: str | None = None, overrides: 
                                          "pass a .ckpt file of a lit-diffac run")
     module = LitDiffacCLI(["--config", config, *(overrides or [])], run=False).model
     if state is not None:
-        check_compatible(module.state_dict(), state, ckpt, ignore_prefixes=("rewards.",))
+        # trainable-only checkpoints: the frozen weights come from the recipe's pipeline, checked by their hash
+        record = (checkpoint.get(CHECKPOINT_KEY) or {}).get(FROZEN_KEY)
+        trainable = module.trainable_parameters() if hasattr(module, "trainable_parameters") else []
+        restore_frozen(state, record, module, trainable, ckpt, ignore_prefixes=("rewards.",))
         module.load_state_dict(state, strict=False)
     return module.eval(), checkpoint
 

@@ -181,6 +181,24 @@ def test_bad_reward_output(capsys, tmp_path, toy_pipelines, reward, message):
     assert line.startswith(message)
 
 
+def test_a_checkpoint_of_other_base_weights_is_refused_by_resume_and_sample(capsys, tmp_path, toy_pipelines):
+    """Checkpoints hold only trained tensors; the frozen ones come from the recipe's pipeline, checked by hash."""
+    from lit_diffac.toy.models import build_toy_backbone, save_pipeline
+
+    torch.manual_seed(1)
+    other = save_pipeline(build_toy_backbone("dit"), tmp_path / "other-dit")  # same architecture, other weights
+    trained = write_tiny_recipe(tmp_path, toy_pipelines, reward="brightness", name="trained.yaml")
+    assert main(["run", str(trained), "--trainer.max_epochs=1"]) == 0
+    ckpt = tmp_path / "runs" / "trained" / "version_0" / "checkpoints" / "last.ckpt"
+    moved = write_tiny_recipe(tmp_path, {"dit": other}, reward="brightness", name="moved.yaml")
+    expected = (f"error: checkpoint {ckpt} holds only trained weights, made for other base weights than this recipe "
+                f"loads (trained on '{toy_pipelines['dit']}', base-weights SHA-256 ")
+    for args in (["run", str(moved), "--ckpt_path", str(ckpt)],
+                 ["sample", "--config", str(moved), "--ckpt", str(ckpt), "--out", str(tmp_path / "s")]):
+        line = error_line(capsys, args)
+        assert line.startswith(expected) and f"loaded here: '{other}'" in line, line
+
+
 def test_mismatched_checkpoint_for_resume_and_sample(capsys, tmp_path, toy_pipelines):
     dit = write_tiny_recipe(tmp_path, toy_pipelines, family="dit", reward="brightness", name="dit.yaml")
     assert main(["run", str(dit), "--trainer.max_epochs=1"]) == 0

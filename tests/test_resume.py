@@ -39,11 +39,12 @@ class Recorder(Callback):
                              or k == "perf/samples_seen"})
 
 
-def fit(cls, pipeline, root, name: str, epochs: int, ckpt_path=None, train_prompts=("a 1", "a 2"), **kw):
+def fit(cls, pipeline, root, name: str, epochs: int, ckpt_path=None, train_prompts=("a 1", "a 2"),
+        backbone_kw=None, **kw):
     L.seed_everything(0)
     options = dict(sampler=FlowSDESampler(num_steps=4), batch_size=4, minibatch_size=8, clip_range=1e-2,
                    actor_lr=1e-3, evaluation=HeldOutEvaluation(samples_per_prompt=2, prompts=EVAL_PROMPTS))
-    module = cls(backbone=DiTBackbone(str(pipeline)), rewards=[CallableReward(noisy_brightness)],
+    module = cls(backbone=DiTBackbone(str(pipeline), **(backbone_kw or {})), rewards=[CallableReward(noisy_brightness)],
                  train_prompts=train_prompts if isinstance(train_prompts, str) else list(train_prompts),
                  **{**options, **kw})
     recorder = Recorder()
@@ -186,7 +187,9 @@ def test_last_ckpt_is_the_final_state_and_summary_names_it(toy_pipelines, tmp_pa
     trainer.fit(module)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last[CHECKPOINT_KEY]["samples_seen"] == 6  # three iterations of two samples
-    assert all(torch.equal(last["state_dict"][k], v) for k, v in module.state_dict().items())
+    state = module.state_dict()  # the checkpoint holds the trained tensors (frozen ones come from the pipeline)
+    assert any(k.startswith("value_head.") for k in last["state_dict"])
+    assert all(torch.equal(v, state[k]) for k, v in last["state_dict"].items())
     summary = json.loads((tmp_path / "run" / "version_0" / "summary.json").read_text())
     assert summary["checkpoint"] == str((tmp_path / "ckpt" / "last.ckpt").resolve())
 

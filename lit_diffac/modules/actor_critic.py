@@ -35,13 +35,14 @@ from lit_diffac.estimators import AdvantageEstimator, Advantages, CriticGAE
 from lit_diffac.evaluation import HeldOutEvaluation, default_sampler
 from lit_diffac.faults import (GracefulStop, NonFiniteGuard, NonFiniteUpdate, TrainableSnapshot,
                                drop_nonfinite_samples, nonfinite_inputs)
+from lit_diffac.frozen_weights import FROZEN_KEY, restore_frozen, strip_frozen
 from lit_diffac.history import IterationTimer, RunHistory, RunReport
 from lit_diffac.losses import gaussian_kl
 from lit_diffac.modules.config import check_config
 from lit_diffac.normalization import RewardNormalizer
 from lit_diffac.ppo import (apply_learning_rates, build_optimizer, clip_and_step, clip_gradients, minibatch_loss,
                             reward_statistics, shuffled_pairs, value_diagnostics, zero_grad)
-from lit_diffac.resume import CHECKPOINT_KEY, check_compatible, load_training_state, training_state
+from lit_diffac.resume import CHECKPOINT_KEY, load_training_state, training_state
 from lit_diffac.rewards.base import Reward
 from lit_diffac.rollout import Rollout, collect_rollout, denoise, iteration_generator, sample_prompt_groups
 from lit_diffac.samplers.base import Sampler
@@ -400,10 +401,19 @@ class LatentActorCritic(L.LightningModule):
 
     test_dataloader, test_step = val_dataloader, validation_step
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The backbone's parameters that training changes (policy, critic adapter); checkpoints keep these, the
+        value head and the module's other state, not the frozen weights (:mod:`lit_diffac.frozen_weights`)."""
+        return [*self.backbone.policy_parameters(), *self.backbone.critic_parameters()]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # what exact resume needs beyond weights (resume.py)
         checkpoint[CHECKPOINT_KEY] = training_state(self)
+        checkpoint[CHECKPOINT_KEY][FROZEN_KEY] = strip_frozen(checkpoint["state_dict"], self,
+                                                              self.trainable_parameters())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_compatible(self.state_dict(), checkpoint["state_dict"], str(getattr(self._trainer, "ckpt_path", "")))
+        record = checkpoint.get(CHECKPOINT_KEY, {}).get(FROZEN_KEY)
+        restore_frozen(checkpoint["state_dict"], record, self, self.trainable_parameters(),
+                       str(getattr(self._trainer, "ckpt_path", "")))
         if CHECKPOINT_KEY in checkpoint:
             load_training_state(self, checkpoint[CHECKPOINT_KEY], rng=self._trainer is not None)  # not for inference
