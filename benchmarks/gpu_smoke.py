@@ -1,7 +1,8 @@
-"""GPU smoke test: the actor-critic on tiny random SD1.5- and SD3-format pipelines, LoRA + bf16 + checkpointing.
+"""GPU smoke test: the actor-critic on tiny random SD1.5-, SDXL-, SD3- and FLUX.1-format pipelines, LoRA + bf16 +
+checkpointing.
 
 No weights are needed: the pipeline folders are built in a temporary directory (``lit_diffac.tiny_pipelines``) and
-loaded back through the same code path as real SD1.5 / SD3.5 weights.  For each family it runs two actor-critic
+loaded back through the same code path as real SD1.5 / SDXL / SD3.5 / FLUX.1 weights.  For each family it runs two actor-critic
 iterations with a LoRA policy, bf16 frozen weights + bf16 autocast and gradient checkpointing, then the same with
 classifier-free guidance (negative prompt) and a separate critic adapter, and prints one JSON line per run: seconds
 per iteration, ``torch.cuda.max_memory_allocated``, the on-policy ratio deviation and the rewards.  Exits 1 if any
@@ -38,6 +39,8 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
     import lightning as L
 
     from lit_diffac.backbones import DiTBackbone, UNetBackbone
+    from lit_diffac.backbones.flux import FluxBackbone
+    from lit_diffac.backbones.sdxl import SDXLBackbone
     from lit_diffac.evaluation import HeldOutEvaluation
     from lit_diffac.modules import LatentActorCritic
     from lit_diffac.rewards import Brightness
@@ -50,6 +53,13 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
     if family == "sd15":
         backbone = UNetBackbone(str(folder), feature_taps=["down_blocks.1", "mid_block", "up_blocks.1"], **common)
         sampler = DDIMSampler(num_steps=args.steps, eta=1.0)
+    elif family == "sdxl":  # SDXL's layout: two text encoders, added time/text conditioning, taps on a 3-level UNet
+        backbone = SDXLBackbone(str(folder), feature_taps=["down_blocks.2", "mid_block", "up_blocks.0"], **common)
+        sampler = DDIMSampler(num_steps=args.steps, eta=1.0)
+    elif family == "flux":  # FLUX.1-dev layout: packed latents, guidance embedding 3.5, FluxPipeline's schedule
+        backbone = FluxBackbone(str(folder), feature_taps=[18, 37, 56], max_sequence_length=32,
+                                resolution=2 * args.sample_size, **common)
+        sampler = FlowSDESampler(num_steps=args.steps, noise_level=0.9)
     else:
         backbone = DiTBackbone(str(folder), feature_taps=[7, 15, 23], max_sequence_length=32, **common)
         sampler = FlowSDESampler(num_steps=args.steps, noise_level=0.7)
@@ -103,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_smoke", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda (default when available) or cpu")
-    parser.add_argument("--families", nargs="+", default=["sd15", "sd3"], choices=["sd15", "sd3"])
+    parser.add_argument("--families", nargs="+", default=["sd15", "sd3", "sdxl", "flux"],
+                        choices=["sd15", "sd3", "sdxl", "flux"])
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--sample-size", type=int, default=16, help="latent side of the tiny models")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps per trajectory")
@@ -118,14 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no CUDA device here; run with --device cpu", file=sys.stderr)
         return 2
 
-    from lit_diffac.tiny_pipelines import save_sd3_pipeline, save_sd15_pipeline
+    from lit_diffac.tiny_pipelines import save_flux_pipeline, save_sd3_pipeline, save_sd15_pipeline, save_sdxl_pipeline
 
     print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "device": args.device,
                       "bf16_supported": torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None}))
     results, failures = [], 0
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {"sd15": save_sd15_pipeline(Path(tmp) / "sd15", sample_size=args.sample_size),
-                   "sd3": save_sd3_pipeline(Path(tmp) / "sd3", sample_size=args.sample_size)}
+        builders = {"sd15": lambda: save_sd15_pipeline(Path(tmp) / "sd15", sample_size=args.sample_size),
+                    "sd3": lambda: save_sd3_pipeline(Path(tmp) / "sd3", sample_size=args.sample_size),
+                    "sdxl": lambda: save_sdxl_pipeline(Path(tmp) / "sdxl", sample_size=args.sample_size),
+                    "flux": lambda: save_flux_pipeline(Path(tmp) / "flux")}
+        folders = {family: builders[family]() for family in args.families}  # only the families asked for
         for family in args.families:
             for name in args.runs:
                 try:

@@ -1,4 +1,4 @@
-"""Held-out evaluation: fixed prompts, fixed seeds, CFG off, every reward's mean, diversity, CLIP score.
+"""Held-out evaluation: fixed prompts, fixed seeds, the policy's own CFG, every reward's mean, diversity, CLIP score.
 
 :class:`HeldOutEvaluation` is the RL modules' one evaluation path (before training, every
 ``every_n_iterations`` and at the end; the results go to the run's :class:`~lit_diffac.history.RunHistory`
@@ -39,8 +39,10 @@ def default_sampler(backbone: DiffusionBackbone, num_steps: int = 10) -> Sampler
 
 @torch.no_grad()
 def generate(backbone: DiffusionBackbone, sampler: Sampler, prompts: Sequence[str], seed: int = EVAL_SEED,
-             batch_size: int = 256, cfg_scale: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
-    """Images ``[N, 3, H, W]`` in [0, 1] for ``prompts``, reproducible from ``seed`` (chunks of ``batch_size``)."""
+             batch_size: int = 256, cfg_scale: float | None = None, device: torch.device | str | None = None
+             ) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in [0, 1] for ``prompts``, reproducible from ``seed`` (chunks of ``batch_size``),
+    with the backbone's ``cfg_scale`` unless ``cfg_scale`` is given."""
     device = torch.device(device) if device is not None else next(backbone.denoiser.parameters()).device
     was_training = backbone.training
     backbone.eval()
@@ -58,7 +60,7 @@ def generate(backbone: DiffusionBackbone, sampler: Sampler, prompts: Sequence[st
 
 @torch.no_grad()
 def evaluate(backbone: DiffusionBackbone, sampler: Sampler, prompts: Sequence[str], rewards: Sequence,
-             samples_per_prompt: int = 25, seed: int = EVAL_SEED, cfg_scale: float = 1.0,
+             samples_per_prompt: int = 25, seed: int = EVAL_SEED, cfg_scale: float | None = None,
              device: torch.device | str | None = None) -> dict[str, float]:
     """``{"eval/<reward>": mean, "eval/<reward>_accuracy": ...}`` over ``prompts × samples_per_prompt``.
 
@@ -140,8 +142,9 @@ class ClipFeatures(torch.nn.Module):
 class HeldOutEvaluation:
     """The held-out evaluation of an RL module's policy (its ``evaluation`` component).
 
-    Images are drawn with the module's backbone and sampler from fixed prompts and seeds, CFG off, and scored
-    with every training reward plus ``rewards``; :meth:`measure` returns ``{"eval/<reward>": mean,
+    Images are drawn with the module's backbone and sampler from fixed prompts and seeds, with the backbone's
+    ``cfg_scale`` (the guidance it trains with; 1.0, off, in the toy and SD recipes), and scored with every
+    training reward plus ``rewards``; :meth:`measure` returns ``{"eval/<reward>": mean,
     "eval/<reward>_accuracy": …, "eval/diversity": …, "eval/clip_score": …, "eval/clip_diversity": …}``:
 
     * ``eval/diversity`` — mean pairwise RMS pixel distance between the samples of the same prompt (0 = all

@@ -21,10 +21,11 @@ safetensors)::
                                                 checkpoint, iterations, samples seen, held-out metrics, and
                                                 the base model it started from (``base``)
 
-``model_index.json``: an SD1.5 / SD3 base keeps its own (a folder without one gets the stock
-``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` entry); the pixel-space toys (one text encoder, no VAE:
-no stock pipeline fits) get :mod:`lit_diffac.toy.diffusers_pipeline` copied in as ``lit_diffac_pipeline.py`` and
-named in theirs, so ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads and generates.
+``model_index.json``: an SD1.5 / SD3 / FLUX.1 base keeps its own (a folder without one gets the stock
+``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` entry); the pixel-space toys
+(one text encoder, no VAE: no stock pipeline fits) get :mod:`lit_diffac.toy.diffusers_pipeline` copied in as
+``lit_diffac_pipeline.py`` and named in theirs, so ``DiffusionPipeline.from_pretrained(folder,
+trust_remote_code=True)`` loads and generates.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ if TYPE_CHECKING:  # torch and diffusers are imported when exporting starts (``l
     from lit_diffac.backbones.base import DiffusionBackbone
 
 __all__ = ["ADAPTER", "LORA_WEIGHTS", "PROVENANCE", "TOY_PIPELINE_MODULE", "denoiser_subfolder", "export_main",
-           "export_module", "has_lora", "merged_denoiser", "run_provenance", "save_lora", "save_pipeline_folder",
-           "write_model_index"]
+           "export_module", "has_lora", "lora_pipeline_class", "merged_denoiser", "run_provenance", "save_lora",
+           "save_pipeline_folder", "write_model_index"]
 
 #: Name of the policy's peft adapter (see :func:`lit_diffac.backbones.lora.apply_lora`).
 ADAPTER = "policy"
@@ -62,6 +63,13 @@ STOCK_PIPELINES = {
     "transformer": ("StableDiffusion3Pipeline", ("text_encoder_3", "tokenizer_3", "feature_extractor",
                                                  "image_encoder")),
 }
+#: Stock pipelines of denoiser classes that share a subfolder name with another layout (FLUX.1's
+#: ``transformer/`` is not SD3's): denoiser class → (pipeline class, optional components).
+DENOISER_PIPELINES = {
+    "FluxTransformer2DModel": ("FluxPipeline", ("feature_extractor", "image_encoder")),
+}
+#: SDXL: a ``unet/`` layout with a second text encoder (same denoiser class as SD1.5's).
+SDXL_PIPELINE = ("StableDiffusionXLPipeline", ("feature_extractor", "image_encoder"))
 
 
 def denoiser_subfolder(backbone: DiffusionBackbone) -> str:
@@ -74,10 +82,20 @@ def has_lora(denoiser: nn.Module) -> bool:
     return ADAPTER in (getattr(denoiser, "peft_config", None) or {})
 
 
+def lora_pipeline_class(backbone: DiffusionBackbone):
+    """The stock pipeline class whose ``save_lora_weights`` / ``load_lora_weights`` fit the backbone: its
+    ``pipeline_class`` (FLUX: ``FluxPipeline``), else ``StableDiffusionPipeline`` (UNet) /
+    ``StableDiffusion3Pipeline`` (DiT)."""
+    import diffusers
+
+    name = getattr(backbone, "pipeline_class", None) or STOCK_PIPELINES[denoiser_subfolder(backbone)][0]
+    return getattr(diffusers, name)
+
+
 def save_lora(backbone: DiffusionBackbone, folder: str | Path) -> Path:
     """Write the policy's LoRA in diffusers' pipeline format (``unet.``/``transformer.``-prefixed peft keys and
-    the adapter's ``LoraConfig`` — rank, alpha, targets — in the safetensors metadata); returns the file."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    the adapter's ``LoraConfig`` — rank, alpha, targets — in the safetensors metadata), with the stock pipeline's
+    own ``save_lora_weights`` (:func:`lora_pipeline_class`); returns the file."""
     from peft.utils import get_peft_model_state_dict
 
     denoiser = backbone.denoiser
@@ -88,11 +106,11 @@ def save_lora(backbone: DiffusionBackbone, folder: str | Path) -> Path:
     metadata = denoiser.peft_config[ADAPTER].to_dict()
     metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
     folder = Path(folder)
+    pipeline = lora_pipeline_class(backbone)
     if denoiser_subfolder(backbone) == "unet":
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+        pipeline.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
     else:
-        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=layers,
-                                                   transformer_lora_adapter_metadata=metadata)
+        pipeline.save_lora_weights(folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
     return folder / LORA_WEIGHTS
 
 
@@ -130,8 +148,10 @@ def _component_class(folder: Path, name: str) -> list[str] | None:
 def write_model_index(folder: str | Path, subfolder: str) -> Path:
     """Give the pipeline folder ``folder`` (denoiser in ``subfolder``) a ``model_index.json`` if it has none.
 
-    With a ``vae/`` it is a Stable Diffusion layout: the stock ``StableDiffusionPipeline`` (``unet``) or
-    ``StableDiffusion3Pipeline`` (``transformer``), missing optional parts ``null``.  Without one it is a
+    With a ``vae/`` it is a stock layout: ``StableDiffusionPipeline`` (``unet``), ``StableDiffusionXLPipeline``
+    (``unet`` and a ``text_encoder_2/``), ``StableDiffusion3Pipeline`` (``transformer``) or, for a
+    ``FluxTransformer2DModel`` transformer, ``FluxPipeline``
+    (:data:`DENOISER_PIPELINES`), missing optional parts ``null``.  Without one it is a
     pixel-space toy: :mod:`lit_diffac.toy.diffusers_pipeline` is copied in as ``lit_diffac_pipeline.py`` and
     ``_class_name`` names its ``ToyUNetPipeline`` / ``ToyDiTPipeline`` (loaded with ``trust_remote_code=True``).
     Returns the file.
@@ -145,9 +165,14 @@ def write_model_index(folder: str | Path, subfolder: str) -> Path:
     present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     entries: dict[str, Any] = {name: cls for name in present if (cls := _component_class(folder, name))}
     if "vae" in present:
-        class_name, optional = STOCK_PIPELINES[subfolder]
+        denoiser_class = (entries.get(subfolder) or [None, None])[1]
+        sdxl = subfolder == "unet" and "text_encoder_2" in present
+        class_name, optional = SDXL_PIPELINE if sdxl else \
+            DENOISER_PIPELINES.get(denoiser_class, STOCK_PIPELINES[subfolder])
         entries.update({name: [None, None] for name in optional if name not in entries})
-        if subfolder == "unet":
+        if sdxl:
+            entries["force_zeros_for_empty_prompt"] = True  # SDXL base's value (and diffusers' default)
+        elif subfolder == "unet":
             entries["requires_safety_checker"] = False
     else:
         from lit_diffac.toy import diffusers_pipeline

@@ -66,7 +66,7 @@ def steered_sample(
     steps: Sequence[int] | str | None = None,
     value_weights: Sequence[float] | None = None,
     generator: torch.Generator | None = None,
-    cfg_scale: float = 1.0,
+    cfg_scale: float | None = None,
 ) -> Samples:
     """Sample with critic steering; ``scale = 0`` is plain sampling, draw for draw.
 
@@ -78,10 +78,11 @@ def steered_sample(
         steps: which steps to steer (see :func:`_steps`; default all).
         value_weights: weights of the ``R`` value outputs in the steered objective (default: all 1).
         generator: randomness (initial noise and every step).
-        cfg_scale: classifier-free guidance scale.
+        cfg_scale: classifier-free guidance scale (``None``: the backbone's, as the policy was trained).
     """
     device = next(backbone.denoiser.parameters()).device
     prompts = list(prompts)
+    cfg_scale = backbone.cfg_scale if cfg_scale is None else cfg_scale
     steered = _steps(steps, sampler.num_steps) if scale != 0 else set()
     if steered and value_head is None:
         raise ValueError("steering (scale != 0) needs a value head")
@@ -133,7 +134,7 @@ def best_of_n(
     rank_by,
     value_head: nn.Module | None = None,
     generator: torch.Generator | None = None,
-    cfg_scale: float = 1.0,
+    cfg_scale: float | None = None,
 ) -> Samples:
     """For each prompt draw ``n`` samples and keep the best one.
 
@@ -144,6 +145,7 @@ def best_of_n(
     if n < 1:
         raise ValueError(f"best-of-N needs n >= 1, got {n}")
     prompts = list(prompts)
+    cfg_scale = backbone.cfg_scale if cfg_scale is None else cfg_scale
     expanded = [p for p in prompts for _ in range(n)]
     if rank_by == "value" and value_head is None:
         raise ValueError("rank_by='value' needs a value head")

@@ -118,7 +118,7 @@ def collect_rollout(
     value_head: nn.Module | None = None,
     num_values: int = 1,
     generator: torch.Generator | None = None,
-    cfg_scale: float = 1.0,
+    cfg_scale: float | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     keep_features: bool = False,
@@ -132,13 +132,15 @@ def collect_rollout(
         value_head: critic ``(features, t_frac [B], pooled [B, P]) → [B, R]``; ``None`` stores zeros.
         num_values: ``R`` when there is no value head.
         generator: randomness of the initial noise and of every step (reproducible rollouts).
-        cfg_scale: classifier-free guidance scale (1.0: off, the paper's default).
+        cfg_scale: classifier-free guidance scale (1.0: off, the paper's default; ``None``: the backbone's
+            ``cfg_scale``, the guidance the policy is trained with).
         device: where to run (default: the backbone's).
         dtype: latent dtype fed to the backbone (log-prob maths stays fp32).
         keep_features: store every step's backbone features in :attr:`Rollout.features`.
     """
     device = torch.device(device) if device is not None else next(backbone.denoiser.parameters()).device
     prompts = list(prompts)
+    cfg_scale = backbone.cfg_scale if cfg_scale is None else cfg_scale
     embeds = backbone.encode_prompts(prompts).to(device)
     uncond = backbone.encode_negative(len(prompts)).to(device) if cfg_scale != 1.0 else None
     x = sampler.init_noise((len(prompts), *backbone.latent_shape), generator=generator, device=device)

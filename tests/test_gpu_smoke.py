@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import gpu_smoke
 
 
@@ -15,6 +17,16 @@ def test_gpu_smoke_runs_on_cpu(tmp_path, capsys):
     assert result["iterations"] == 2 and len(result["seconds_per_iteration"]) == 2
     assert result["weights_dtype"] == "bfloat16" and result["policy_params"] > 0
     assert "1/1 runs passed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_gpu_smoke_covers_sdxl_and_flux_on_cpu(family, tmp_path):
+    out = tmp_path / "smoke.json"
+    assert gpu_smoke.main(["--device", "cpu", "--families", family, "--runs", "lora_bf16_ckpt", "--steps", "2",
+                           "--batch-size", "2", "--sample-size", "8", "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())
+    assert result["family"] == family and result["iterations"] == 2 and result["policy_params"] > 0
 
 
 def test_gpu_smoke_exits_non_zero_on_a_failure(monkeypatch, tmp_path):

@@ -93,17 +93,23 @@ def flow_sde_step_with_logprob(
 class FlowSDESampler(Sampler):
     """Flow-matching SDE sampler on a `diffusers.FlowMatchEulerDiscreteScheduler`'s sigmas (SD3 / DiT family).
 
-    `setup` calls ``set_timesteps(num_steps)`` on a *deep copy* of the scheduler (the caller's scheduler and
-    its internal step counter are untouched) and stores its sigmas ``[K+1]`` (last = 0) and timesteps ``[K]``
+    `setup` calls ``set_timesteps(num_steps, mu=...)`` on a *deep copy* of the scheduler (the caller's scheduler
+    and its internal step counter are untouched) and stores its sigmas ``[K+1]`` (last = 0) and timesteps ``[K]``
     (``σ · num_train_timesteps``, what the transformer expects).  Shifting (``shift``, ``shift_terminal``,
     karras/exponential/beta sigmas) is therefore exactly diffusers'; the scheduler's own
     ``stochastic_sampling`` flag is ignored (this sampler is the stochastic one).
 
+    A backbone whose pipeline sets timesteps differently hands out a scheduler subclass that says so: FLUX's
+    (:class:`~lit_diffac.backbones.flux.FluxPipelineScheduler`) fills in ``FluxPipeline``'s sigmas
+    ``linspace(1, 1/K, K)`` in its own ``set_timesteps`` and exposes the resolution-dependent shift of the
+    backbone's image size as ``default_mu``, used when ``mu`` is not given here.
+
     Args:
         num_steps: number ``K`` of denoising steps.
         noise_level: SDE noise level ``a ≥ 0`` (0.7 for SD3.5-M, paper).
-        mu: resolution-dependent shift, required only by schedulers with ``use_dynamic_shifting=True``
-            (e.g. Flux); passed through to ``set_timesteps``.
+        mu: resolution-dependent shift of schedulers with ``use_dynamic_shifting=True``, passed through to
+            ``set_timesteps``; needed only when the scheduler has no ``default_mu`` of its own (a FLUX backbone's
+            scheduler has one: its image size's ``calculate_shift``).  Given, it overrides ``default_mu``.
     """
 
     def __init__(self, num_steps: int = 10, noise_level: float = 0.7, mu: float | None = None) -> None:
@@ -133,10 +139,11 @@ class FlowSDESampler(Sampler):
             )
         if scheduler.config.invert_sigmas:
             raise ValueError("FlowSDESampler does not support invert_sigmas=True schedulers")
-        if scheduler.config.use_dynamic_shifting and self.mu is None:
+        mu = self.mu if self.mu is not None else getattr(scheduler, "default_mu", None)
+        if scheduler.config.use_dynamic_shifting and mu is None:
             raise ConfigError("the scheduler uses dynamic shifting: pass FlowSDESampler(mu=...)")
         scheduler = copy.deepcopy(scheduler)
-        scheduler.set_timesteps(self.num_steps, device="cpu", mu=self.mu)
+        scheduler.set_timesteps(self.num_steps, device="cpu", mu=mu)
         sigmas = scheduler.sigmas.detach().to("cpu", torch.float32)
         timesteps = scheduler.timesteps.detach().to("cpu", torch.float32)
         if sigmas.shape != (self.num_steps + 1,) or timesteps.shape != (self.num_steps,):
