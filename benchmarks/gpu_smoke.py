@@ -81,12 +81,10 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     strategy = "auto"
-    if args.strategy == "fsdp":  # one GPU: checks that the wrap policy, hooks, LoRA and two optimisers work under FSDP
+    if args.strategy == "fsdp":  # one GPU: hooks, LoRA and two optimisers under FSDP (the module shards itself)
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from lit_diffac.distributed import diffusion_block_wrap_policy
-
-        strategy = FSDPStrategy(auto_wrap_policy=diffusion_block_wrap_policy, sharding_strategy="SHARD_GRAD_OP")
+        strategy = FSDPStrategy(sharding_strategy="SHARD_GRAD_OP")
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=2, logger=False, strategy=strategy,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Probe()])

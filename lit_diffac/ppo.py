@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from lit_diffac.distributed import clip_grad_norm
 from lit_diffac.losses import PolicyLossOutput, ValueLossOutput, explained_variance, ppo_policy_loss, value_loss
 
 
@@ -94,11 +95,13 @@ def minibatch_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantage
 
 
 def clip_gradients(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
-    """Clip the gradients of ``params`` in place (if ``max_norm``); return their total norm before clipping."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")))
+    """Clip the gradients of ``params`` in place (if ``max_norm``); return their total norm before clipping.
+
+    Under FSDP a process holds only its shards of the gradients: the norm is then summed over the processes, so
+    every process clips by the whole gradient's norm (:func:`lit_diffac.distributed.clip_grad_norm`; without FSDP
+    it is ``torch.nn.utils.clip_grad_norm_``).
+    """
+    return clip_grad_norm(params, max_norm)
 
 
 def zero_grad(groups: Iterable[tuple[str, torch.optim.Optimizer | None, list[nn.Parameter]]]) -> None:

@@ -197,6 +197,13 @@ def test_resolution_must_fit_the_2x2_packing(flux_folder):
         backbone(flux_folder, resolution=18)
 
 
+def test_fsdp_wraps_one_unit_per_double_and_single_block(flux_folder):
+    from lit_diffac.distributed import diffusion_block_wrap_policy
+
+    flux = backbone(flux_folder)
+    assert sum(diffusion_block_wrap_policy(m, False, 0) for m in flux.denoiser.modules()) == 19 + 38
+
+
 # ------------------------------------------------------------------------------------------ LoRA, bf16, checkpointing
 
 def test_lora_adapts_the_attention_and_mlp_projections_of_both_block_kinds(flux_folder):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
 from lit_diffac.critic_replay import CriticReplay, fit_from_rollout
 from lit_diffac.data.prompts import PromptSource, load_prompts
-from lit_diffac.distributed import all_processes, gather_processes
+from lit_diffac.distributed import all_processes, gather_processes, is_sharded, shard_module
 from lit_diffac.estimators import AdvantageEstimator, Advantages, CriticGAE
 from lit_diffac.evaluation import HeldOutEvaluation, default_sampler
 from lit_diffac.faults import (GracefulStop, NonFiniteGuard, NonFiniteUpdate, TrainableSnapshot,
@@ -164,6 +164,9 @@ class LatentActorCritic(L.LightningModule):
         actor = build_optimizer(factory, list(self.backbone.policy_parameters()), hp.actor_lr)
         critic = build_optimizer(factory, self.critic_parameters(), hp.critic_lr) if self.value_head else None
         return actor, critic
+
+    def configure_model(self) -> None:  # FSDPStrategy: the denoiser block by block and the value head become units
+        shard_module(self)
 
     def configure_optimizers(self):
         optimizers = [opt for opt in self.build_optimizers() if opt is not None]
@@ -408,12 +411,14 @@ class LatentActorCritic(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # what exact resume needs beyond weights (resume.py)
         checkpoint[CHECKPOINT_KEY] = training_state(self)
-        checkpoint[CHECKPOINT_KEY][FROZEN_KEY] = strip_frozen(checkpoint["state_dict"], self,
-                                                              self.trainable_parameters())
+        if not is_sharded(self):  # FSDP: the strategy writes and reads every weight (frozen ones too) itself
+            checkpoint[CHECKPOINT_KEY][FROZEN_KEY] = strip_frozen(checkpoint["state_dict"], self,
+                                                                  self.trainable_parameters())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        record = checkpoint.get(CHECKPOINT_KEY, {}).get(FROZEN_KEY)
-        restore_frozen(checkpoint["state_dict"], record, self, self.trainable_parameters(),
-                       str(getattr(self._trainer, "ckpt_path", "")))
+        if "state_dict" in checkpoint:  # FSDP's load_checkpoint has loaded the weights already and leaves none here
+            record = checkpoint.get(CHECKPOINT_KEY, {}).get(FROZEN_KEY)
+            restore_frozen(checkpoint["state_dict"], record, self, self.trainable_parameters(),
+                           str(getattr(self._trainer, "ckpt_path", "")))
         if CHECKPOINT_KEY in checkpoint:
             load_training_state(self, checkpoint[CHECKPOINT_KEY], rng=self._trainer is not None)  # not for inference
