@@ -106,18 +106,20 @@ class CriticReplay:
         device = self.entries[-1].targets.device  # entries loaded from a checkpoint may sit elsewhere
         order = torch.randperm(int(sizes.sum()), generator=generator, device=generator.device)[:num_pairs].cpu()
         for chunk in order.split(minibatch_size):
-            entry_index = torch.searchsorted(starts, chunk, right=True) - 1
+            # pairs grouped by entry (oldest first), in drawing order within an entry
+            entry_index, by_entry = torch.sort(torch.searchsorted(starts, chunk, right=True) - 1, stable=True)
+            local = chunk[by_entry] - starts[entry_index]
+            used, counts = torch.unique_consecutive(entry_index, return_counts=True)
             parts = []
-            for j in entry_index.unique().tolist():
+            for j, local_j in zip(used.tolist(), local.split(counts.tolist())):
                 entry = self.entries[j]
-                local = chunk[entry_index == j] - starts[j]
                 steps, here = entry.targets.shape[1], entry.targets.device
-                i, k = (local // steps).to(here), (local % steps).to(here)
-                parts.append(([f[i, k].to(device, torch.float32) for f in entry.features], k.to(device),
-                              entry.pooled[i].to(device), entry.targets[i, k].to(device),
-                              entry.old_values[i, k].to(device)))
-            features = [torch.cat(per_tap) for per_tap in zip(*(p[0] for p in parts))]
-            yield (features, *(torch.cat([p[n] for p in parts]) for n in range(1, 5)))
+                i, k = (local_j // steps).to(here), (local_j % steps).to(here)
+                parts.append(([f[i, k] for f in entry.features], k, entry.pooled[i], entry.targets[i, k],
+                              entry.old_values[i, k]))
+            # one transfer and one conversion per tensor (stored features: storage_dtype → float32)
+            features = [torch.cat([f.to(device) for f in per_tap]).float() for per_tap in zip(*(p[0] for p in parts))]
+            yield (features, *(torch.cat([p[n].to(device) for p in parts]) for n in range(1, 5)))
 
 
 def fit_critic(value_head: nn.Module, replay: CriticReplay, optimizer: torch.optim.Optimizer, *, passes: int,

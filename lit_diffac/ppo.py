@@ -165,9 +165,10 @@ def reward_statistics(rewards: torch.Tensor, names: list[str], weights: torch.Te
 def build_optimizer(factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
                     params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """``factory(params)`` at learning rate ``lr`` (its own ``lr`` is replaced); ``None``: AdamW with betas
-    (0.9, 0.95) and weight decay 1e-4 (DESIGN §6)."""
+    (0.9, 0.95) and weight decay 1e-4 (DESIGN §6), with the multi-tensor (``foreach``) update everywhere — torch
+    picks it by default only on GPUs; on CPUs it gives the same bits, faster."""
     if factory is None:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4, foreach=True)
     optimizer = factory(params)
     for group in optimizer.param_groups:
         group["lr"] = lr

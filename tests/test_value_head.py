@@ -86,3 +86,38 @@ def test_capacity_options_change_the_head(option):
     assert sum(p.numel() for p in base.parameters()) != sum(p.numel() for p in other.parameters())
     assert other(maps, t, pooled).shape == (3, 1)
     assert not torch.allclose(base(maps, t, pooled), other(maps, t, pooled))
+
+
+def _textbook_read(branch, h, tokens):
+    """Multi-head attention as usually written: RMSNorm-ed queries and keys per head, every token projected to a
+    value, scaled dot-product attention (the reference for ``ValueBranch._read``)."""
+    import torch.nn.functional as F
+
+    b, heads = tokens.shape[0], branch.num_heads
+
+    def split(x):
+        return x.view(b, x.shape[1], heads, -1).transpose(1, 2)
+
+    q, k = branch.q_norm(split(branch.to_q(h))), branch.k_norm(split(branch.to_k(tokens)))
+    out = F.scaled_dot_product_attention(q, k, split(branch.to_v(tokens)))
+    return out.transpose(1, 2).reshape(b, h.shape[1], -1)
+
+
+@pytest.mark.parametrize("num_queries", [1, 3])
+def test_attention_read_equals_the_textbook_attention(num_queries):
+    """The read never materialises normalised keys or projected values; it must still be the same attention."""
+    from lit_diffac.value_heads.head import ValueBranch
+
+    torch.manual_seed(0)
+    branch = ValueBranch(in_dim=24, dim=32, cond_dim=8, num_heads=4, num_queries=num_queries)
+    for norm in (branch.q_norm, branch.k_norm):  # non-trivial gains
+        torch.nn.init.normal_(norm.weight, mean=1.0, std=0.5)
+    h, tokens = torch.randn(5, num_queries, 32, requires_grad=True), torch.randn(5, 40, 32, requires_grad=True)
+    ours, reference = branch._read(h, tokens), _textbook_read(branch, h, tokens)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(ours.square().sum(), [h, tokens, *branch.parameters()], allow_unused=True)
+    expected = torch.autograd.grad(reference.square().sum(), [h, tokens, *branch.parameters()], allow_unused=True)
+    for g, e in zip(grads, expected):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)

@@ -77,9 +77,36 @@ class ValueBranch(nn.Module):
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+    def _read(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """QK-normalised multi-head attention of the queries ``h [B, Q, dim]`` over ``tokens [B, N, dim]`` (keys
+        ``to_k``, values ``to_v`` of the tokens) → ``[B, Q, dim]``.
+
+        Computed without materialising the per-token normalised keys or values, which is most of the work at
+        ``N ≫ Q`` (the result is the textbook form's up to rounding; ``tests/test_value_head.py`` compares them):
+
+        * keys: ``RMSNorm(k)·q̂ = (k·(g ⊙ q̂)) / rms(k)`` with the norm's gain ``g``, so the scores are a product of
+          the raw keys with the gain-weighted queries, divided by each key's RMS;
+        * values: the softmax weights of a query sum to 1, so ``Σ_j a_j (W_v y_j + b_v) = W_v (Σ_j a_j y_j) + b_v``:
+          the tokens are averaged first and projected once per query.
+        """
+        batch, tokens_n, dim = tokens.shape
+        heads, queries = self.num_heads, h.shape[1]
+        head_dim = dim // heads
+        q = self.q_norm(self.to_q(h).view(batch, queries, heads, head_dim))  # [B, Q, H, d]
+        if self.k_norm.weight is not None:
+            q = q * self.k_norm.weight
+        k = self.to_k(tokens).view(batch, tokens_n, heads, head_dim)  # [B, N, H, d]
+        eps = self.k_norm.eps if self.k_norm.eps is not None else torch.finfo(k.dtype).eps
+        inv_rms = torch.rsqrt(k.square().mean(-1) + eps)  # [B, N, H]
+        # block-diagonal queries [B, H·d, H·Q]: one matrix product gives every head's raw scores [B, N, H·Q]
+        eye = torch.eye(heads, device=q.device, dtype=q.dtype)
+        block = torch.einsum("bqhd,hg->bhdgq", q, eye).reshape(batch, heads * head_dim, heads * queries)
+        scores = (k.view(batch, tokens_n, dim) @ block).view(batch, tokens_n, heads, queries)
+        weights = torch.softmax(scores * (inv_rms[..., None] * head_dim ** -0.5), dim=1)  # over tokens
+        averaged = weights.view(batch, tokens_n, heads * queries).transpose(1, 2) @ tokens  # [B, H·Q, dim]
+        w_v = self.to_v.weight.view(heads, head_dim, dim)
+        values = torch.einsum("bhqc,hdc->bqhd", averaged.view(batch, heads, queries, dim), w_v)
+        return (values + self.to_v.bias.view(heads, head_dim)).reshape(batch, queries, dim)
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``tokens [B, N, in_dim]``, ``cond [B, cond_dim]`` → ``[B, num_queries · dim]``."""
@@ -93,11 +120,7 @@ class ValueBranch(nn.Module):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.ada(cond).chunk(6, dim=-1)
         query = self.query.expand(batch, -1, -1)
         h = modulate(self.norm_query(query), shift_a, scale_a)
-        q = self.q_norm(self._heads(self.to_q(h)))
-        k = self.k_norm(self._heads(self.to_k(kv)))
-        v = self._heads(self.to_v(kv))
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, query.shape[1], -1)
-        query = query + gate_a[:, None] * self.to_out(attn)
+        query = query + gate_a[:, None] * self.to_out(self._read(h, kv))
         query = query + gate_f[:, None] * self.ff(modulate(self.norm_ff(query), shift_f, scale_f))
         return query.flatten(1)
 
