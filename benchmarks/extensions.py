@@ -1,6 +1,7 @@
 """The paper's extensions on the toy DiT: value pretraining, timestep conditioning, reward hacking, steering.
 
-    python -m benchmarks.extensions [--iters 300] [--seeds 0] [--threads 2] [--groups ...] [--out NAME] [--quick]
+    python -m benchmarks.extensions [--task digits|pairs] [--iters 300] [--seeds 0] [--threads 2] [--groups ...]
+        [--out NAME] [--quick]
 
 Runs ``lit-diffac`` recipes in subprocesses and writes ``benchmarks/results/<NAME>.{csv,md}`` (default
 ``extensions``; with several seeds, a mean row per variant) and ``<NAME>_steering.png``:
@@ -10,6 +11,10 @@ Runs ``lit-diffac`` recipes in subprocesses and writes ``benchmarks/results/<NAM
 3. reward hacking: brightness alone vs brightness + digit alignment (one head per reward, or one head on the
    sum) → final brightness and held-out alignment accuracy;
 4. test-time steering scale sweep on the trained policy vs best-of-N at equal backbone compute.
+
+``--task pairs`` runs the same comparisons on the two-digit task (``recipes/toy_pairs/actor_critic_dit.yaml``; the
+value-pretraining and multi-reward recipes of the digits task with the pair model, prompts and judge swapped in;
+default results ``extensions_pairs``); its alignment columns are then the pair accuracy (both digits right).
 
 ``--quick`` shrinks everything (2 iterations, tiny batches) to check the pipeline; its numbers mean nothing.
 """
@@ -33,6 +38,16 @@ MULTI = str(ROOT / "recipes" / "toy" / "multi_reward_dit.yaml")
 VALUE = str(ROOT / "recipes" / "toy" / "value_pretrain_dit.yaml")
 JUDGE = "{class_path: lit_diffac.rewards.DigitAlignment}"
 GROUPS = ("value_pretraining", "timestep_conditioning", "reward_hacking", "steering")
+PAIR_JUDGE = "{class_path: lit_diffac.rewards.PairAlignment}"
+#: Per task: the actor-critic recipe, overrides that turn the digits task's value-pretraining and multi-reward
+#: recipes into the task's, the judge, its metric name and the held-out prompts.
+TASKS = {
+    "digits": {"recipe": DIT, "swap": [], "judge": JUDGE, "metric": "digit_alignment", "prompts": "toy:heldout"},
+    "pairs": {"recipe": str(ROOT / "recipes" / "toy_pairs" / "actor_critic_dit.yaml"),
+              "swap": ["--model.init_args.backbone.init_args.pretrained=toy-pairs-dit",
+                       "--model.init_args.train_prompts=toy-pairs:train"],
+              "judge": PAIR_JUDGE, "metric": "pair_alignment", "prompts": "toy-pairs:heldout"},
+}
 
 
 def lit_diffac(args: list[str], threads: int) -> str:
@@ -54,15 +69,17 @@ def run(recipe: str, overrides: list[str], cfg) -> dict:
     return summary
 
 
-def fields(summary: dict) -> dict:
+def fields(summary: dict, metric: str = "digit_alignment") -> dict:
     final, train = summary["final"], summary["final_train"]
-    return {"alignment_acc": final.get("eval/digit_alignment_accuracy"), "brightness": final.get("eval/brightness"),
+    return {"alignment_acc": final.get(f"eval/{metric}_accuracy"), "brightness": final.get("eval/brightness"),
             "ev": summary["final_explained_variance"], "ev_early": train.get("train/explained_variance_early"),
             "ev_late": train.get("train/explained_variance_late"), "fit_s": summary["wall_time_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS), default="digits",
+                        help="digits (recipes/toy) or pairs (the two-digit task, recipes/toy_pairs)")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--pretrain", type=int, nargs=2, default=[15, 60], help="short and long value pretraining")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -70,9 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS),
                         help="which comparisons to run (default: all)")
-    parser.add_argument("--out", default="extensions", help="stem of the result files in benchmarks/results/")
+    parser.add_argument("--out", default=None,
+                        help="stem of the result files in benchmarks/results/ (default: extensions, extensions_pairs)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    task = TASKS[args.task]
+    args.out = args.out or ("extensions" if args.task == "digits" else "extensions_pairs")
+    recipe, swap, metric = task["recipe"], task["swap"], task["metric"]
+    judge_only = [f"--model.init_args.rewards=[{task['judge']}]"] if args.task != "digits" else []
+    # the multi-reward recipe's rewards and evaluation, for the task (digits: as the recipe has them)
+    multi = [*swap, f"--model.init_args.rewards=[{{class_path: lit_diffac.rewards.Brightness}}, {task['judge']}]",
+             f"--model.init_args.evaluation.init_args.prompts={task['prompts']}",
+             "--model.init_args.evaluation.init_args.samples_per_prompt=10"] if args.task != "digits" else []
     tiny = ["--model.init_args.batch_size=2", "--model.init_args.minibatch_size=20"] if args.quick else []
     eval_n = ["--model.init_args.evaluation.init_args.samples_per_prompt=1"] if args.quick else []
     iters = 2 if args.quick else args.iters
@@ -85,31 +111,32 @@ def main(argv: list[str] | None = None) -> int:
               *eval_n]
 
         def record(group, variant, summary, **extra):
-            rows.append({"group": group, "variant": variant, "seed": seed, **fields(summary), **extra})
+            rows.append({"group": group, "variant": variant, "seed": seed, **fields(summary, metric), **extra})
             print(json.dumps(rows[-1]), flush=True)
 
         # 1 + 2: value pretraining 0 / short / long; the 0 run is also the timestep-conditioned reference.
-        base = run(DIT, ac, args) if {"value_pretraining", "timestep_conditioning", "steering"} & set(args.groups) \
+        base = run(recipe, ac, args) if {"value_pretraining", "timestep_conditioning", "steering"} & set(args.groups) \
             else None
         if "value_pretraining" in args.groups:
             record("value_pretraining", "0 iterations", base)
             for n in (pre_short, pre_long):
                 head = RESULTS / "runs" / args.out / f"value_head_{n}_seed{seed}.safetensors"
-                run(VALUE, [f"--trainer.max_epochs={n}", f"--model.init_args.output_path={head}"], args)
+                run(VALUE, [*swap, *judge_only, f"--trainer.max_epochs={n}", f"--model.init_args.output_path={head}"],
+                    args)
                 record("value_pretraining", f"{n} iterations",
-                       run(DIT, [*ac, f"--model.init_args.value_head.init_args.init_from={head}"], args))
+                       run(recipe, [*ac, f"--model.init_args.value_head.init_args.init_from={head}"], args))
         if "timestep_conditioning" in args.groups:
             record("timestep_conditioning", "with (default)", base)
             record("timestep_conditioning", "without",
-                   run(DIT, [*ac, "--model.init_args.value_head.init_args.timestep_conditioning=false"], args))
+                   run(recipe, [*ac, "--model.init_args.value_head.init_args.timestep_conditioning=false"], args))
         # 3: reward hacking.
         if "reward_hacking" in args.groups:
             bright_only = [*ac, "--model.init_args.rewards=[{class_path: lit_diffac.rewards.Brightness}]",
-                           f"--model.init_args.evaluation.init_args.rewards=[{JUDGE}]"]
-            record("reward_hacking", "brightness only", run(DIT, bright_only, args))
-            record("reward_hacking", "brightness + alignment, one head per reward", run(MULTI, ac, args))
+                           f"--model.init_args.evaluation.init_args.rewards=[{task['judge']}]"]
+            record("reward_hacking", "brightness only", run(recipe, bright_only, args))
+            record("reward_hacking", "brightness + alignment, one head per reward", run(MULTI, [*multi, *ac], args))
             record("reward_hacking", "brightness + alignment, one head on the sum",
-                   run(MULTI, [*ac, "--model.init_args.value_per_reward=false"], args))
+                   run(MULTI, [*multi, *ac, "--model.init_args.value_per_reward=false"], args))
         # 4: steering sweep and best-of-N on the trained policy (the value-pretraining-0 run).
         if "steering" in args.groups:
             ckpt = Path(base["log_dir"]) / "checkpoints" / "last.ckpt"
@@ -117,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             for scale in args.scales:
                 rows.append(sample_row(seed, f"steer scale {scale:g}", ckpt, samples_per_prompt, args,
                                        ["--scale", str(scale), "--steps", "all"]))
-            for n, rank in ((3, "value"), (3, "digit_alignment")):
+            for n, rank in ((3, "value"), (3, metric)):
                 rows.append(sample_row(seed, f"best-of-{n} by {rank}", ckpt, samples_per_prompt, args,
                                        ["--best-of", str(n), "--rank-by", rank]))
     write(rows, args, time.time() - started)
@@ -125,14 +152,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sample_row(seed: int, variant: str, ckpt: Path, samples_per_prompt: int, args, extra: list[str]) -> dict:
+    task = TASKS[getattr(args, "task", "digits")]
     out = RESULTS / "runs" / args.out / f"samples_{variant.replace(' ', '_')}_seed{seed}"
-    lit_diffac(["sample", "--config", DIT, "--ckpt", str(ckpt), "--prompts", "toy:heldout", "--seed", "12345",
-                "--samples-per-prompt", str(samples_per_prompt), "--out", str(out), *extra,
+    lit_diffac(["sample", "--config", task["recipe"], "--ckpt", str(ckpt), "--prompts", task["prompts"], "--seed",
+                "12345", "--samples-per-prompt", str(samples_per_prompt), "--out", str(out), *extra,
                 "--trainer.logger=false"], args.threads)
     report = json.loads((out / "rewards.json").read_text())
     row = {"group": "steering", "variant": variant, "seed": seed,
-           "alignment_acc": report["mean"]["digit_alignment_accuracy"],
-           "digit_probability": report["mean"]["digit_alignment"],
+           "alignment_acc": report["mean"][f"{task['metric']}_accuracy"],
+           "digit_probability" if task["metric"] == "digit_alignment" else "pair_probability":
+               report["mean"][task["metric"]],
            "compute_per_sample": report["compute_forward_equivalents"] / len(report["images"])}
     print(json.dumps(row), flush=True)
     return row

@@ -1,16 +1,18 @@
 """Sample efficiency: held-out alignment vs generated samples for actor-critic, GRPO and DDPO.
 
-    python -m benchmarks.sample_efficiency [--backbones dit unet] [--seeds 0 1 2] [--iterations 300]
-        [--eval-every 25] [--jobs 2] [--threads 1] [--accelerator cpu|gpu] [--quick]
+    python -m benchmarks.sample_efficiency [--task digits|pairs] [--backbones dit unet] [--seeds 0 1 2]
+        [--iterations 300] [--eval-every 25] [--jobs 2] [--threads 1] [--accelerator cpu|gpu] [--quick]
 
-Every (backbone, method, seed) is one ``lit-diffac run recipes/toy/<method>_<backbone>.yaml`` in its own
-process (``--jobs`` at a time), with the same sample budget (``batch_size`` 32 × ``--iterations``), the recipes'
-learning rates and PPO settings (identical across methods: only the advantage estimator differs) and the
-module's built-in held-out evaluation every ``--eval-every`` iterations (seed 12345, CFG off, 20 prompts ×
-``--eval-samples`` samples). Outputs, in ``benchmarks/results/``:
+Every (backbone, method, seed) is one ``lit-diffac run recipes/toy/<method>_<backbone>.yaml`` (``--task pairs``:
+``recipes/toy_pairs/``, the two-digit task) in its own process (``--jobs`` at a time), with the same sample budget
+(``batch_size`` 32 × ``--iterations``), the recipes' learning rates and PPO settings (identical across methods:
+only the advantage estimator differs) and the module's built-in held-out evaluation every ``--eval-every``
+iterations (seed 12345, CFG off; digits: 20 prompts × ``--eval-samples`` samples, default 25; pairs: 80 prompts,
+40 seen and 40 unseen pairs, default 10). Outputs, in ``benchmarks/results/``:
 
-* ``<name>.csv`` (default name ``sample_efficiency``): one row per evaluation (backbone, method, seed,
-  iteration, samples, accuracy, mean reward);
+* ``<name>.csv`` (default name ``sample_efficiency``, ``sample_efficiency_pairs`` for ``--task pairs``): one row
+  per evaluation (backbone, method, seed, iteration, samples, accuracy, mean reward; pairs: also the accuracy on
+  seen and on unseen pairs);
 * ``<name>.png``: mean accuracy over seeds vs samples (band: min–max), one panel per backbone;
 * ``<name>.md``: accuracy per method at the largest budget every run reached, and the headline figure — the
   samples the actor-critic needs to reach GRPO's accuracy at that budget, as a fraction of it (the linearly
@@ -35,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,12 +47,33 @@ ACCURACY = "eval/digit_alignment_accuracy"
 REWARD = "eval/digit_alignment"
 
 
+@dataclass(frozen=True)
+class Task:
+    """A toy task: its recipes' folder, the held-out metrics read from each run, default evaluation samples."""
+
+    recipes: Path
+    accuracy: str
+    reward: str
+    eval_samples: int
+    name: str
+    #: extra accuracies recorded per evaluation: CSV column → metric key
+    extra: tuple[tuple[str, str], ...] = ()
+
+
+TASKS = {
+    "digits": Task(RECIPES, ACCURACY, REWARD, 25, "sample_efficiency"),
+    "pairs": Task(RECIPES.parent / "toy_pairs", "eval/pair_alignment_accuracy", "eval/pair_alignment", 10,
+                  "sample_efficiency_pairs", (("accuracy_seen", "eval/pair_alignment_accuracy_seen"),
+                                              ("accuracy_unseen", "eval/pair_alignment_accuracy_unseen"))),
+}
+
+
 EVAL_LINE = re.compile(r"^\[eval ([\w-]+) @ iteration (\d+), (\d+) samples\] (.*)$")
 
 
 def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out_dir: Path) -> list[str]:
     """The ``lit-diffac run`` command line of one (backbone, method, seed)."""
-    recipe = RECIPES / f"{method}_{backbone}.yaml"
+    recipe = TASKS[args.task].recipes / f"{method}_{backbone}.yaml"
     return [sys.executable, "-m", "lit_diffac", "run", str(recipe), f"--seed_everything={seed}",
             f"--model.init_args.seed={seed}", f"--trainer.max_epochs={args.iterations}",
             f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
@@ -115,7 +139,7 @@ def run_all(jobs: list[tuple[str, str, int]], args: argparse.Namespace, out_dir:
                 raise RuntimeError(f"{job} failed (exit {proc.returncode}); end of {log}:\n" + text[-3000:])
             results[job] = {"evals": evals, "summary": summary, "wall_s": time.time() - began,
                             "complete": summary is not None}
-            final = evals[-1][ACCURACY] if evals else float("nan")
+            final = evals[-1][TASKS[args.task].accuracy] if evals else float("nan")
             print(f"{job}: {'done' if summary else 'STOPPED'} at iteration {evals[-1]['iteration'] if evals else 0},"
                   f" accuracy {final:.3f}, {results[job]['wall_s']:.0f} s", flush=True)
         if overtime:
@@ -125,9 +149,11 @@ def run_all(jobs: list[tuple[str, str, int]], args: argparse.Namespace, out_dir:
     return results
 
 
-def curve_rows(backbone: str, method: str, seed: int, result: dict) -> list[dict]:
+def curve_rows(backbone: str, method: str, seed: int, result: dict, task: str = "digits") -> list[dict]:
+    spec = TASKS[task]
     return [{"backbone": backbone, "method": method, "seed": seed, "iteration": e["iteration"],
-             "samples": e["samples"], "accuracy": e[ACCURACY], "reward": e[REWARD]}
+             "samples": e["samples"], "accuracy": e[spec.accuracy], "reward": e[spec.reward],
+             **{column: e[key] for column, key in spec.extra}}
             for e in result["evals"]]
 
 
@@ -171,7 +197,7 @@ def headline(rows: list[dict], backbone: str) -> dict:
             "fraction": None if needed is None or spent == 0 else needed / spent}
 
 
-def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path) -> None:
+def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path, task: str = "digits") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +214,7 @@ def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path)
             ax.fill_between(xs, [c[2] for c in curve], [c[3] for c in curve], alpha=0.2)
         ax.set_title({"dit": "toy DiT (flow SDE)", "unet": "toy UNet (DDIM)"}.get(backbone, backbone))
         ax.set_xlabel("generated training samples")
-        ax.set_ylabel("held-out alignment accuracy")
+        ax.set_ylabel("held-out accuracy (both digits right)" if task == "pairs" else "held-out alignment accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -198,10 +224,12 @@ def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path)
 
 def report(rows: list[dict], results: dict, backbones: list[str], methods: list[str], command: str,
            machine: str) -> str:
+    groups = [c for c in ("accuracy_seen", "accuracy_unseen") if rows and c in rows[0]]  # the pair task's
     lines = [f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}", "",
              "| backbone | method | base acc | budget (samples) | acc at budget: mean over seeds | min–max | "
-             "runs (complete) | last iteration | critic EV (end) | time per run (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + "".join(f"{c.replace('accuracy_', '')} pairs: base → at budget | " for c in groups)
+             + "runs (complete) | last iteration | critic EV (end) | time per run (s) |",
+             "|---|---|---|---|---|---|" + "---|" * len(groups) + "---|---|---|---|"]
     for backbone in backbones:
         present = [m for m in methods if mean_curve(rows, backbone, m)]
         if not present:
@@ -218,8 +246,11 @@ def report(rows: list[dict], results: dict, backbones: list[str], methods: list[
             ev = f"{statistics.mean(evs):.2f}" if evs else "—"
             wall = f"{statistics.mean(r['wall_s'] for r in runs):.0f}" if runs else "—"
             complete = f"{len(runs)} ({sum(r['complete'] for r in runs)})" if runs else "—"
-            lines.append(f"| {backbone} | {METHODS[method]} | {curve[0][1]:.3f} | {curve[-1][0]} | {curve[-1][1]:.3f} | "
-                         f"{min(at_budget):.3f}–{max(at_budget):.3f} | {complete} | {iters} | {ev} | {wall} |")
+            split = "".join(f"{group_mean(rows, backbone, method, c, curve[0][0]):.3f} → "
+                            f"{group_mean(rows, backbone, method, c, curve[-1][0]):.3f} | " for c in groups)
+            lines.append(f"| {backbone} | {METHODS[method]} | {curve[0][1]:.3f} | {curve[-1][0]} | "
+                         f"{curve[-1][1]:.3f} | {min(at_budget):.3f}–{max(at_budget):.3f} | {split}{complete} | "
+                         f"{iters} | {ev} | {wall} |")
     lines += ["", "| backbone | GRPO final acc | GRPO samples | actor-critic samples to reach it | fraction |",
               "|---|---|---|---|---|"]
     for backbone in backbones:
@@ -232,33 +263,48 @@ def report(rows: list[dict], results: dict, backbones: list[str], methods: list[
     return "\n".join(lines) + "\n"
 
 
+def group_mean(rows: list[dict], backbone: str, method: str, column: str, samples: int) -> float:
+    """Mean over seeds of ``column`` (e.g. the pair task's ``accuracy_unseen``) at ``samples``."""
+    values = [r[column] for r in rows if r["backbone"] == backbone and r["method"] == method
+              and r["samples"] == samples]
+    return statistics.mean(values) if values else math.nan
+
+
 def read_csv(path: Path) -> list[dict]:
     """Rows of a ``sample_efficiency.csv`` (to redo the report and plot of an earlier run)."""
+    floats = ("accuracy", "reward", "accuracy_seen", "accuracy_unseen")
     with path.open() as fh:
         return [{**r, "seed": int(r["seed"]), "iteration": int(r["iteration"]), "samples": int(r["samples"]),
-                 "accuracy": float(r["accuracy"]), "reward": float(r["reward"])} for r in csv.DictReader(fh)]
+                 **{k: float(r[k]) for k in floats if k in r}} for r in csv.DictReader(fh)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS), default="digits",
+                        help="digits (recipes/toy) or pairs (recipes/toy_pairs: the two-digit task)")
     parser.add_argument("--backbones", nargs="+", default=["dit", "unet"], choices=["dit", "unet"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--eval-samples", type=int, default=25, help="held-out samples per prompt (20 prompts)")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="held-out samples per prompt (default: digits 25 x 20 prompts; pairs 10 x 80 prompts)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of each run (cpu, gpu)")
     parser.add_argument("--time-limit", type=float, default=0.0,
                         help="seconds; then stop the runs still going and report them as incomplete (0: none)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
-    parser.add_argument("--name", default="sample_efficiency", help="stem of the result files")
+    parser.add_argument("--name", default=None,
+                        help="stem of the result files (default: sample_efficiency, sample_efficiency_pairs)")
     parser.add_argument("--report-from", type=Path, default=None, metavar="CSV",
                         help="no runs: redo the table, plot and headline from an earlier run's CSV")
     parser.add_argument("--quick", action="store_true", help="one seed, DiT only, 2 iterations, a tiny evaluation")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
     args = parser.parse_args(argv)
+    task = TASKS[args.task]
+    args.name = args.name or task.name
+    args.eval_samples = args.eval_samples or task.eval_samples
     out_dir = Path(args.out) if args.out else RESULTS
     if args.quick:
         args.backbones, args.seeds, args.iterations, args.eval_every, args.eval_samples = ["dit"], [0], 2, 1, 1
@@ -273,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         jobs = [(b, m, s) for b in args.backbones for m in args.methods for s in args.seeds]
         results = run_all(jobs, args, out_dir)
-        rows = [row for (b, m, s), r in results.items() for row in curve_rows(b, m, s, r)]
+        rows = [row for (b, m, s), r in results.items() for row in curve_rows(b, m, s, r, args.task)]
         with (out_dir / f"{args.name}.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["backbone", "method", "seed", "iteration", "samples", "accuracy",
-                                                    "reward"])
+                                                    "reward", *(column for column, _ in task.extra)])
             writer.writeheader()
             writer.writerows(rows)
         machine = f"{platform.node()} ({os.cpu_count()} CPUs, accelerator={args.accelerator}"
@@ -286,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             machine += f", {torch.cuda.get_device_name(0)}"
         machine += f", OMP_NUM_THREADS={args.threads}, {args.jobs} runs at a time)"
     backbones = [b for b in args.backbones if any(r["backbone"] == b for r in rows)]
-    plot(rows, backbones, args.methods, out_dir / f"{args.name}.png")
+    plot(rows, backbones, args.methods, out_dir / f"{args.name}.png", args.task)
     text = report(rows, results, backbones, args.methods, cmd, machine)
     (out_dir / f"{args.name}.md").write_text(text)
     headlines = [headline(rows, b) for b in backbones

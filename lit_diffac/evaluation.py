@@ -64,7 +64,8 @@ def evaluate(backbone: DiffusionBackbone, sampler: Sampler, prompts: Sequence[st
              device: torch.device | str | None = None) -> dict[str, float]:
     """``{"eval/<reward>": mean, "eval/<reward>_accuracy": ...}`` over ``prompts × samples_per_prompt``.
 
-    A reward with an ``accuracy(images, prompts)`` method (e.g. the toy digit alignment) also reports it.
+    A reward with an ``accuracy(images, prompts)`` method (e.g. the toy digit alignment) also reports it, and one
+    with ``accuracy_by_group`` its accuracy per group (:func:`score_images`).
     """
     expanded = expand_prompts(prompts, samples_per_prompt)
     images = generate(backbone, sampler, expanded, seed=seed, cfg_scale=cfg_scale, device=device)
@@ -82,13 +83,20 @@ def expand_prompts(prompts: Sequence[str], samples_per_prompt: int) -> list[str]
 def score_images(images: torch.Tensor, prompts: Sequence[str], rewards: Sequence,
                  prefix: str = "eval/") -> dict[str, float]:
     """``{prefix + reward.name: mean score}`` of ``images [N, 3, H, W]`` for ``prompts``, plus
-    ``{prefix + reward.name + "_accuracy": ...}`` for rewards with an ``accuracy(images, prompts)`` method."""
+    ``{prefix + reward.name + "_accuracy": ...}`` for rewards with an ``accuracy(images, prompts)`` method and
+    ``{prefix + reward.name + "_accuracy_" + group: ...}`` for each non-empty group of a reward with an
+    ``accuracy_by_group(images, prompts) -> {group: accuracies of its samples}`` method (e.g. the two-digit task's
+    seen and unseen pairs)."""
     prompts = list(prompts)
     out = {}
     for reward in rewards:
         out[f"{prefix}{reward.name}"] = reward(images, prompts).mean().item()
         if hasattr(reward, "accuracy"):
             out[f"{prefix}{reward.name}_accuracy"] = reward.accuracy(images, prompts).mean().item()
+        if hasattr(reward, "accuracy_by_group"):
+            for group, values in reward.accuracy_by_group(images, prompts).items():
+                if values.numel():
+                    out[f"{prefix}{reward.name}_accuracy_{group}"] = values.float().mean().item()
     return out
 
 

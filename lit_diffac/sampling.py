@@ -86,7 +86,8 @@ def sample_main(argv: list[str]) -> int:
                         "config.yaml of the checkpoint's run folder, next to checkpoints/)")
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint of that recipe: a file or an "
                         "http(s) URL, loaded weights-only (default: initial weights; then --config is needed)")
-    parser.add_argument("--prompts", default="toy:heldout", help="prompt file, or toy:train / toy:heldout")
+    parser.add_argument("--prompts", default="toy:heldout", help="prompt file, or toy:train / toy:heldout "
+                        "(two-digit task: toy-pairs:heldout, ...)")
     parser.add_argument("--samples-per-prompt", type=int, default=1)
     parser.add_argument("--scale", type=float, default=0.0, help="critic steering scale: each steered step "
                         "moves the latent along scale x the gradient of the critic's value (0: off)")
@@ -138,12 +139,16 @@ def sample_main(argv: list[str]) -> int:
     names = [f"{i:05d}.png" for i in range(len(prompts))]
     save_images(images, out_dir, names)
     scores = {name: reward(images, prompts).tolist() for name, reward in rewards.items()}
-    accuracy = {name: r.accuracy(images, prompts).tolist() for name, r in rewards.items() if hasattr(r, "accuracy")}
+    accuracy = {f"{name}_accuracy": r.accuracy(images, prompts).tolist() for name, r in rewards.items()
+                if hasattr(r, "accuracy")}
+    accuracy.update({f"{name}_accuracy_{group}": v.tolist() for name, r in rewards.items()  # e.g. seen / unseen pairs
+                     if hasattr(r, "accuracy_by_group") for group, v in r.accuracy_by_group(images, prompts).items()
+                     if v.numel()})
     report = {
         "settings": {k: v for k, v in vars(args).items()}, "overrides": overrides,
         "compute_forward_equivalents": compute,
         "mean": {**{n: sum(v) / len(v) for n, v in scores.items()},
-                 **{f"{n}_accuracy": sum(v) / len(v) for n, v in accuracy.items()}},
+                 **{n: sum(v) / len(v) for n, v in accuracy.items()}},
         "images": [{"file": f, "prompt": p, **{n: scores[n][i] for n in scores}}
                    for i, (f, p) in enumerate(zip(names, prompts))],
     }

@@ -40,3 +40,33 @@ def test_mean_curve_and_interpolated_crossing():
     h = headline(rows, "dit")
     assert h["grpo_final"] == pytest.approx(0.5) and h["grpo_samples"] == 640
     assert h["actor_critic_samples"] == pytest.approx(160.0) and h["fraction"] == pytest.approx(0.25)
+
+
+def test_pairs_task_uses_its_recipes_metrics_and_result_name(tmp_path):
+    import argparse
+    import csv
+
+    import benchmarks.sample_efficiency as se
+
+    args = argparse.Namespace(task="pairs", iterations=2, accelerator="cpu", eval_every=1, eval_samples=10,
+                              overrides=[])
+    cmd = se.command("dit", "grpo", 0, args, tmp_path)
+    assert cmd[4].endswith("recipes/toy_pairs/grpo_dit.yaml") and se.TASKS["pairs"].name == "sample_efficiency_pairs"
+    evals = [{"label": "base", "iteration": i, "samples": 32 * i, "eval/pair_alignment": 0.1 + i / 10,
+              "eval/pair_alignment_accuracy": 0.2 + i / 10, "eval/pair_alignment_accuracy_seen": 0.3 + i / 10,
+              "eval/pair_alignment_accuracy_unseen": 0.1 + i / 10} for i in (0, 2)]
+    rows = [row for method in ("actor_critic", "grpo")
+            for row in se.curve_rows("dit", method, 0, {"evals": evals}, task="pairs")]
+    assert rows[1] == {"backbone": "dit", "method": "actor_critic", "seed": 0, "iteration": 2, "samples": 64,
+                       "accuracy": pytest.approx(0.4), "reward": pytest.approx(0.3),
+                       "accuracy_seen": pytest.approx(0.5), "accuracy_unseen": pytest.approx(0.3)}
+    table = se.report(rows, {}, ["dit"], ["actor_critic", "grpo"], "cmd", "machine")
+    assert "seen pairs: base → at budget | unseen pairs: base → at budget |" in table
+    assert "| 0.300 → 0.500 | 0.100 → 0.300 |" in table
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert se.read_csv(path) == rows
+    assert "seen pairs" not in se.report(_rows("grpo", [(0, 0.4), (640, 0.5)]), {}, ["dit"], ["grpo"], "c", "m")

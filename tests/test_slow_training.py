@@ -84,3 +84,16 @@ def test_critic_replay_quick(capsys):
     assert critic_replay.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "the main recipe: CriticReplay iterations 32, passes 2" in out and "Last-step / mean EV" in out
+
+
+@pytest.mark.slow
+def test_sample_efficiency_benchmark_quick_on_the_pair_task(tmp_path):
+    import benchmarks.sample_efficiency as se
+
+    assert se.main(["--task", "pairs", "--quick", "--methods", "actor_critic", "grpo", "--jobs", "2",
+                    "--out", str(tmp_path)]) == 0
+    rows = (tmp_path / "sample_efficiency_pairs.csv").read_text().splitlines()
+    assert rows[0] == "backbone,method,seed,iteration,samples,accuracy,reward,accuracy_seen,accuracy_unseen"
+    report = json.loads((tmp_path / "sample_efficiency_pairs.json").read_text())
+    assert report["headline"][0]["backbone"] == "dit"
+    assert "unseen pairs" in (tmp_path / "sample_efficiency_pairs.md").read_text()

@@ -145,7 +145,8 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     * ``gradient_checkpointing``: recompute the denoiser's blocks in backward (diffusers' own switch).
     * ``vae_decode_batch``: decode at most this many latents at a time (peak memory of reward scoring).
     * ``critic_lora_rank``: a separate critic adapter; see :meth:`forward`.
-    * ``resolution``: image side in pixels (default: the denoiser's native ``sample_size``).
+    * ``resolution``: image size in pixels, a side (square) or ``[height, width]`` (default: the denoiser's
+      native size, :func:`native_latent_size`).
     * ``max_cached_prompts``: bound on the prompt-embedding cache (oldest entries are dropped).
     * ``cfg_scale``: classifier-free guidance in rollouts, updates and sampling
       (``prediction = u + cfg_scale · (c − u)``; 1.0 = off, the paper's setting).
@@ -161,7 +162,7 @@ class DiffusionBackbone(nn.Module, abc.ABC):
                  weights_dtype: str = "float32",
                  autocast_dtype: str | None = None, gradient_checkpointing: bool = False,
                  vae_decode_batch: int | None = None, critic_lora_rank: int = 0,
-                 critic_lora_alpha: float | None = None, resolution: int | None = None,
+                 critic_lora_alpha: float | None = None, resolution: int | Sequence[int] | None = None,
                  max_cached_prompts: int | None = None, cfg_scale: float = 1.0,
                  negative_prompt: str = "") -> None:
         super().__init__()
@@ -201,9 +202,13 @@ class DiffusionBackbone(nn.Module, abc.ABC):
         self.negative_prompt = negative_prompt
         self._prompt_cache: dict[str, PromptEmbeds] = {}
         scale = self.vae_scale_factor
-        if resolution is not None and resolution % scale:
-            raise ValueError(f"resolution {resolution} must be a multiple of the VAE's downsampling factor {scale}")
-        self.latent_size = resolution // scale if resolution is not None else self.denoiser.config.sample_size
+        if resolution is None:
+            self.latent_hw = native_latent_size(self.denoiser.config)
+        else:
+            height, width = _height_width(resolution)
+            if height % scale or width % scale:
+                raise ValueError(f"resolution {resolution} must be a multiple of the VAE's downsampling factor {scale}")
+            self.latent_hw = (height // scale, width // scale)
 
     @classmethod
     def from_components(cls, components: PipelineComponents, **options: Any) -> "DiffusionBackbone":
@@ -267,7 +272,15 @@ class DiffusionBackbone(nn.Module, abc.ABC):
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the latents the denoiser works on."""
-        return (self.denoiser.config.in_channels, self.latent_size, self.latent_size)
+        return (self.denoiser.config.in_channels, *self.latent_hw)
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the (square) latents; a non-square backbone has only :attr:`latent_hw` ``(H, W)``."""
+        height, width = self.latent_hw
+        if height != width:
+            raise ValueError(f"{type(self).__name__} has non-square {height}x{width} latents: read latent_hw")
+        return height
 
     @property
     def vae_scale_factor(self) -> int:
@@ -365,6 +378,28 @@ def _no_checkpointing(denoiser: nn.Module):
             denoiser.enable_gradient_checkpointing()
 
 
+#: Key of a denoiser config that records a non-square native latent size ``[H, W]`` where ``sample_size`` must be an
+#: int (``SD3Transformer2DModel``); the leading underscore keeps diffusers from warning about it when loading.
+NATIVE_SIZE_KEY = "_lit_diffac_sample_size"
+
+
+def native_latent_size(config) -> tuple[int, int]:
+    """A denoiser's native latent ``(height, width)``: its config's :data:`NATIVE_SIZE_KEY` if set, else
+    ``sample_size`` (an int, square, or ``[H, W]`` as ``UNet2DConditionModel`` accepts)."""
+    size = config.get(NATIVE_SIZE_KEY) or config.sample_size
+    return _height_width(size)
+
+
+def _height_width(size: int | Sequence[int]) -> tuple[int, int]:
+    """``size`` (a side, or ``[height, width]``) as ``(height, width)``."""
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(v) for v in size)
+    if len(size) != 2:
+        raise ValueError(f"a size is one side or [height, width], got {list(size)}")
+    return size
+
+
 def _frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``module`` frozen, in eval mode and (if not float32) cast to ``dtype``."""
     module = module.requires_grad_(False).eval()
@@ -372,7 +407,7 @@ def _frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def _check_options(*, lora_rank: int, critic_lora_rank: int, dtype: torch.dtype, vae_decode_batch: int | None,
-                   resolution: int | None, max_cached_prompts: int | None, cfg_scale: float) -> None:
+                   resolution: int | Sequence[int] | None, max_cached_prompts: int | None, cfg_scale: float) -> None:
     problems = []
     if not cfg_scale >= 1.0:
         problems.append(f"cfg_scale must be >= 1 (1 = no guidance; got {cfg_scale})")
@@ -384,6 +419,11 @@ def _check_options(*, lora_rank: int, critic_lora_rank: int, dtype: torch.dtype,
     if dtype != torch.float32 and not lora_rank:
         problems.append(f"weights_dtype={str(dtype).removeprefix('torch.')} needs a LoRA policy (lora_rank > 0): "
                         "a full fine-tune keeps float32 weights (use autocast_dtype for mixed precision)")
+    if resolution is not None and not isinstance(resolution, int):
+        resolution = list(resolution)
+        if len(resolution) != 2:
+            problems.append(f"resolution must be one side or [height, width] (got {resolution})")
+        resolution = min(resolution, default=0)
     for key, value in (("vae_decode_batch", vae_decode_batch), ("resolution", resolution),
                        ("max_cached_prompts", max_cached_prompts)):
         if value is not None and value < 1:

@@ -4,9 +4,9 @@ Separate from the backbone classes: :func:`load_dit_components` and :func:`load_
 pipeline's components as a :class:`PipelineComponents`, which :class:`~lit_diffac.backbones.dit.DiTBackbone`
 / :class:`~lit_diffac.backbones.unet.UNetBackbone` accept as ``pretrained`` in place of a name.
 
-A name is resolved as: a toy alias (``"toy-unet"``, ``"toy-dit"``) → the folder shipped in the package;
-an existing local path → that folder (which must hold the needed sub-folders); a hub id (see
-:func:`is_hub_id`: ``owner/name`` whose ``owner`` is not a local folder) → the hub (only the needed
+A name is resolved as: a toy alias (``"toy-unet"``, ``"toy-dit"``, ``"toy-pairs-unet"``, ``"toy-pairs-dit"``) →
+the folder shipped in the package; an existing local path → that folder (which must hold the needed sub-folders);
+a hub id (see :func:`is_hub_id`: ``owner/name`` whose ``owner`` is not a local folder) → the hub (only the needed
 sub-folders are downloaded, and never while ``HF_HUB_OFFLINE`` is set); anything else is a local path that
 does not exist → :class:`~lit_diffac.errors.PipelineNotFoundError` at once, without touching the network.
 Write local folders as ``./weights/NAME`` to make them unmistakable.
@@ -41,8 +41,9 @@ __all__ = [
     "resolve_pretrained",
 ]
 
-#: Short names for the embedded toy models shipped inside the package.
-TOY_ALIASES = {"toy-unet": "toy-unet", "toy-dit": "toy-dit"}
+#: Short names for the embedded toy models shipped inside the package (``toy-pairs-*``: the two-digit task's).
+TOY_ALIASES = {"toy-unet": "toy-unet", "toy-dit": "toy-dit", "toy-pairs-unet": "toy-pairs-unet",
+               "toy-pairs-dit": "toy-pairs-dit"}
 
 #: ``owner/name`` — what a Hugging Face hub id looks like (a local folder that exists always wins).
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -105,7 +106,7 @@ class PipelineComponents:
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """Map a toy alias (``"toy-unet"``, ``"toy-dit"``) to its folder; pass anything else through.
+    """Map a toy alias (:data:`TOY_ALIASES`) to its folder; pass anything else through.
 
     (Whether the rest is a folder or a hub id is :func:`locate_pipeline`'s business.)
 
@@ -118,9 +119,11 @@ def resolve_pretrained(name_or_path: str) -> str:
     if name_or_path in TOY_ALIASES:
         folder = Path(__file__).resolve().parent.parent / "toy" / "assets" / TOY_ALIASES[name_or_path]
         if not folder.is_dir():
+            task, family = ("toy_pairs", name_or_path.split("-")[2]) if name_or_path.startswith("toy-pairs-") \
+                else ("toy", name_or_path.split("-")[1])
             raise FileNotFoundError(
                 f"the embedded toy model {name_or_path!r} is missing at {folder}; rebuild it with "
-                f"`lit-diffac run recipes/toy/pretrain_{name_or_path.split('-')[1]}.yaml`"
+                f"`lit-diffac run recipes/{task}/pretrain_{family}.yaml`"
             )
         return str(folder)
     return name_or_path

@@ -58,7 +58,7 @@ class UNetBackbone(DiffusionBackbone):
         vae_decode_batch: int | None = None,
         critic_lora_rank: int = 0,
         critic_lora_alpha: float | None = None,
-        resolution: int | None = None,
+        resolution: int | tuple[int, int] | None = None,
         max_cached_prompts: int | None = None,
         cfg_scale: float = 1.0,
         negative_prompt: str = "",

@@ -3,6 +3,8 @@
 A source is a list of strings, or one string naming:
 
 * ``"toy:train"`` / ``"toy:heldout"`` — the toy digits world's training / held-out prompts;
+* ``"toy-pairs:train"`` / ``"toy-pairs:heldout"`` / ``"toy-pairs:heldout-seen"`` / ``"toy-pairs:heldout-unseen"`` —
+  the two-digit task's (:mod:`lit_diffac.toy.pairs`);
 * a path to a text file with one prompt per line (blank lines and ``#`` comments are skipped).
 """
 
@@ -23,25 +25,36 @@ PromptSource = str | Sequence[str]
 TOY_PROMPT_SETS = ("train", "heldout")
 
 
+def _toy_set(source: str, prefix: str, sets, table, what: str) -> list[str]:
+    """The prompts of the embedded set ``source`` (``"<prefix>:<set>"``), or a one-line error naming the sets."""
+    split = source.split(":", 1)[1]
+    if split not in sets:
+        names = [f"{prefix}:{name}" for name in sets]
+        match = difflib.get_close_matches(source, names, n=1)
+        hint = f" (did you mean {match[0]!r}?)" if match else ""
+        listed = [repr(n) for n in names]
+        raise PromptFileError(f"unknown toy prompt set {source!r}{hint}: {what} are "
+                              f"{', '.join(listed[:-1])} and {listed[-1]}")
+    return [p for p, _ in table(split)]
+
+
 def load_prompts(source: PromptSource) -> list[str]:
     """Resolve a prompt source to a non-empty list of prompts (clear errors otherwise).
 
     Raises:
-        PromptFileError: an unknown ``toy:`` set, an empty list, or an unusable prompt file.
+        PromptFileError: an unknown ``toy:`` / ``toy-pairs:`` set, an empty list, or an unusable prompt file.
         FileNotFoundError: a prompt file that does not exist.
     """
     if isinstance(source, str):
         if source.startswith("toy:"):
             from lit_diffac.toy.prompts import prompt_table
 
-            split = source.split(":", 1)[1]
-            if split not in TOY_PROMPT_SETS:
-                names = [f"toy:{name}" for name in TOY_PROMPT_SETS]
-                match = difflib.get_close_matches(source, names, n=1)
-                hint = f" (did you mean {match[0]!r}?)" if match else ""
-                raise PromptFileError(f"unknown toy prompt set {source!r}{hint}: the toy prompt sets are "
-                                      f"{' and '.join(repr(n) for n in names)}")
-            return [p for p, _ in prompt_table(split)]
+            return _toy_set(source, "toy", TOY_PROMPT_SETS, prompt_table, "the toy prompt sets")
+        if source.startswith("toy-pairs:"):
+            from lit_diffac.toy.pairs import PAIR_PROMPT_SETS, pair_prompt_table
+
+            return _toy_set(source, "toy-pairs", PAIR_PROMPT_SETS, pair_prompt_table,
+                            "the two-digit task's prompt sets")
         return read_prompt_file(source)
     prompts = [str(p) for p in source]
     if not prompts:

@@ -7,7 +7,8 @@ classifier judging samples for held-out prompt templates, CFG off, RL sampler se
 ``eval_every_n_steps`` and at the end; its figures go to TensorBoard and to ``lit_diffac.json``.
 
 The base models are meant to *leave room for RL*: the recipes stop early, at a held-out alignment
-between 20 % and 75 %.
+between 20 % and 75 % (the two-digit task's, ``task="pairs"``: 10–30 % of samples with both digits right,
+on seen and on unseen pairs alike; ``recipes/toy_pairs/pretrain_*.yaml``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_diffac.toy.digits import load_digits
+from lit_diffac.toy import pairs
 from lit_diffac.toy.models import build_toy_backbone, save_pipeline
 from lit_diffac.toy.prompts import TRAIN_TEMPLATES, make_prompt
 
@@ -31,6 +33,9 @@ class ToyBasePretraining(L.LightningModule):
 
     Args:
         family: ``"unet"`` (DDIM family) or ``"dit"`` (flow family).
+        task: ``"digits"`` (one 16×16 digit per image) or ``"pairs"`` (two-digit 16×32 canvases composed afresh
+            every step from the train split's digits, for the seen pairs only, with the pair training templates;
+            :mod:`lit_diffac.toy.pairs`).
         output_dir: where the pipeline folder is written at the end of training.
         lr: AdamW learning rate (denoiser and text encoder).
         batch_size: images per step.
@@ -43,6 +48,7 @@ class ToyBasePretraining(L.LightningModule):
     def __init__(
         self,
         family: Literal["unet", "dit"] = "unet",
+        task: Literal["digits", "pairs"] = "digits",
         output_dir: str = "runs/toy-unet",
         lr: float = 1e-3,
         batch_size: int = 64,
@@ -55,7 +61,7 @@ class ToyBasePretraining(L.LightningModule):
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
         self.save_hyperparameters()
-        self.backbone = build_toy_backbone(family)
+        self.backbone = build_toy_backbone(family, task=task)
         # The toy text encoder is trained jointly with the denoiser (it is frozen later, in RL).
         self.backbone.text_encoder.requires_grad_(True).train()
         self._data = load_digits("train")
@@ -63,6 +69,9 @@ class ToyBasePretraining(L.LightningModule):
         self.eval_history: list[dict] = []
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.task == "pairs":  # canvases are composed in training_step; an epoch has as many steps
+            dataset = TensorDataset(torch.arange(len(self._data)))
+            return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=False, drop_last=True)
         dataset = TensorDataset(self._data.images, self._data.labels)
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True)
 
@@ -71,13 +80,23 @@ class ToyBasePretraining(L.LightningModule):
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=1e-4)
 
     def _prompts(self, labels: torch.Tensor) -> list[str]:
+        """A random training prompt per label (a digit ``[N]``, or a ``(left, right)`` pair ``[N, 2]``)."""
+        if self.hparams.task == "pairs":
+            templates = torch.randint(len(pairs.TRAIN_TEMPLATES), (labels.shape[0],), device="cpu").tolist()
+            drop = (torch.rand(labels.shape[0], device="cpu") < self.hparams.cond_dropout).tolist()
+            return ["" if d else pairs.make_pair_prompt(a, b, pairs.TRAIN_TEMPLATES[k])
+                    for (a, b), k, d in zip(labels.tolist(), templates, drop)]
         templates = torch.randint(len(TRAIN_TEMPLATES), (labels.numel(),), device="cpu").tolist()
         drop = (torch.rand(labels.numel(), device="cpu") < self.hparams.cond_dropout).tolist()
         return ["" if d else make_prompt(int(y), TRAIN_TEMPLATES[k])
                 for y, k, d in zip(labels.tolist(), templates, drop)]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
+        if self.hparams.task == "pairs":  # fresh canvases of seen pairs from the train split's digits
+            images, labels = pairs.sample_canvases(self._data, batch[0].shape[0], pairs.SEEN_PAIRS)
+            images = images.to(self.device)
+        else:
+            images, labels = batch
         embeds = self.backbone._encode(self._prompts(labels))  # with grad: the text encoder trains
         noise = torch.randn_like(images)
         if self.hparams.family == "unet":
@@ -101,24 +120,31 @@ class ToyBasePretraining(L.LightningModule):
             self._evaluate()
 
     def _evaluate(self) -> dict:
-        from lit_diffac.toy.evaluation import evaluate_toy_alignment
+        from lit_diffac.toy.evaluation import evaluate_pair_alignment, evaluate_toy_alignment
 
+        evaluate = evaluate_pair_alignment if self.hparams.task == "pairs" else evaluate_toy_alignment
         self.backbone.clear_prompt_cache()
-        metrics = evaluate_toy_alignment(self.backbone, samples_per_prompt=self.hparams.eval_samples_per_prompt,
-                                         num_steps=self.hparams.eval_steps)
+        metrics = evaluate(self.backbone, samples_per_prompt=self.hparams.eval_samples_per_prompt,
+                           num_steps=self.hparams.eval_steps)
         self.backbone.clear_prompt_cache()
         metrics = {"step": self.global_step, "minutes": (time.time() - self._started) / 60, **metrics}
         self.eval_history.append(metrics)
-        for key in ("alignment_accuracy", "digit_probability"):
+        keys = ("alignment_accuracy", "alignment_accuracy_seen", "alignment_accuracy_unseen", "pair_probability") \
+            if self.hparams.task == "pairs" else ("alignment_accuracy", "digit_probability")
+        for key in keys:
             if self.logger is not None:
                 self.logger.log_metrics({f"eval/{key}": metrics[key]}, step=self.global_step)
-        self.print(f"step {self.global_step}: held-out alignment {metrics['alignment_accuracy']:.3f}")
+        line = f"step {self.global_step}: held-out alignment {metrics['alignment_accuracy']:.3f}"
+        if self.hparams.task == "pairs":
+            line += (f" (seen pairs {metrics['alignment_accuracy_seen']:.3f}, unseen pairs "
+                     f"{metrics['alignment_accuracy_unseen']:.3f})")
+        self.print(line)
         return metrics
 
     def on_train_end(self) -> None:
         final = self._evaluate() if not self.eval_history or self.eval_history[-1]["step"] != self.global_step \
             else self.eval_history[-1]
-        out = save_pipeline(self.backbone, self.hparams.output_dir, provenance={
+        out = save_pipeline(self.backbone, self.hparams.output_dir, task=self.hparams.task, provenance={
             "trained_by": "lit_diffac.modules.toy_pretrain.ToyBasePretraining",
             "hparams": dict(self.hparams), "steps": self.global_step, "final_eval": final,
             "eval_history": self.eval_history,

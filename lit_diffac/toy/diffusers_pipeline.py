@@ -66,7 +66,8 @@ class _ToyPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance scale (1.0: off; the negative branch uses ``negative_prompt``).
             negative_prompt: the unconditional prompt under guidance.
             num_images_per_prompt: images per prompt.
-            height, width: image size in pixels (default: the denoiser's ``sample_size``).
+            height, width: image size in pixels (default: the denoiser's native size: ``sample_size``, a side or
+                ``[H, W]``, or the ``_lit_diffac_sample_size`` ``[H, W]`` of a non-square toy DiT).
             generator: torch generator(s) for the initial noise (and DDIM noise when ``eta > 0``).
             latents: initial noise ``[B, C, H, W]`` instead of drawing it.
             eta: DDIM's η (UNet only; 0: deterministic, 1: lit_diffac's RL sampler).
@@ -83,8 +84,9 @@ class _ToyPipeline(DiffusionPipeline):
             neg_hidden, neg_pooled = self.encode_prompt([negative_prompt] * len(prompts))
             hidden = torch.cat([neg_hidden, hidden])
             pooled = torch.cat([neg_pooled, pooled]) if pooled is not None else None
-        size = denoiser.config.sample_size
-        shape = (len(prompts), denoiser.config.in_channels, height or size, width or size)
+        size = denoiser.config.get("_lit_diffac_sample_size") or denoiser.config.sample_size  # [H, W] or a side
+        size_h, size_w = (size, size) if isinstance(size, int) else size
+        shape = (len(prompts), denoiser.config.in_channels, height or size_h, width or size_w)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=denoiser.dtype)
         latents = latents.to(device=device, dtype=denoiser.dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
