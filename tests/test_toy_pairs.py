@@ -210,7 +210,7 @@ def test_exported_toy_pipeline_code_draws_the_native_non_square_size(pair_pipeli
 # ---------------------------------------------------------------------------------------------- shipped models
 
 
-@pytest.mark.parametrize("family", ["dit"])  # the pair-task UNet base model is not trained yet (issue 17)
+@pytest.mark.parametrize("family", ["dit", "unet"])
 def test_shipped_pair_models_load_generate_and_start_in_the_band(family):
     from lit_diffac.backbones import DiTBackbone, UNetBackbone
     from lit_diffac.backbones.loading import resolve_pretrained
@@ -230,6 +230,7 @@ def test_shipped_pair_models_load_generate_and_start_in_the_band(family):
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
 def test_pair_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
+    from test_metrics_docs import logged_keys, undocumented
     from test_recipes import TINY, _kind
 
     from lit_diffac.cli import main
@@ -240,11 +241,15 @@ def test_pair_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
             "--trainer.enable_model_summary=false"]
     if kind == "pretrain":
         args.append(f"--model.init_args.output_dir={tmp_path / 'pipeline'}")
+    else:  # one seen and one unseen pair instead of the 80 held-out prompts
+        args.append("--model.init_args.evaluation.init_args.prompts=[3 and 4, 0 and 3]")
     if recipe.stem == "grpo_dit":  # the documented one-line switch to the sparse reward
         args.append("--model.init_args.rewards=[{class_path: lit_diffac.rewards.PairAlignment, "
                     "init_args: {sparse: true}}]")
     assert main(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
+    events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+    assert events and undocumented(logged_keys(str(events[0].parent))) == []  # docs/metrics.md has every key
     if kind == "pretrain":
         provenance = json.loads((tmp_path / "pipeline" / "lit_diffac.json").read_text())
         assert {"alignment_accuracy_seen", "alignment_accuracy_unseen"} <= set(provenance["final_eval"])
