@@ -1,7 +1,7 @@
 """Does the critic learn to read ``x_t`` from a stream of rollouts?  PPO's critic updates vs a critic replay.
 
     python -m benchmarks.critic_replay [--recipe recipes/toy/actor_critic_dit.yaml] [--iterations 300]
-        [--seed 0] [--quick]
+        [--seed 0] [--quick] [--patch-sizes 1 2 4 --variants main] [--out NAME]
 
 An offline replica of the critic's side of an actor-critic run, on rollouts of the recipe's *initial* policy
 (frozen, so only the critic's learning is measured): every iteration brings 32 new trajectories (their cached
@@ -15,7 +15,11 @@ features and standardised final rewards), and the recipe's value head, with the 
 Explained variance on 640 held-out trajectories is reported per denoising step k every 50 iterations.  A critic
 that only learned a per-prompt mean has the same EV at every step; a state-aligned one rises towards the last
 steps, where ``x_t`` shows the digit (ceiling: ``benchmarks.critic_probe``).
-Results: ``benchmarks/results/critic_replay.{json,md}``.
+
+``--patch-sizes``: the same with the head reading (and the replay caching) features pooled ``p × p`` on the token
+grid (``ValueHead(patch_size=p)``, what the SD recipes use so that the cache stays under 1 MB per image and step;
+the toy DiT's 8×8 tokens become 4×4 at ``p = 2``); ``--variants main`` runs only the main recipe's replay.
+Results: ``benchmarks/results/NAME.{json,md}`` (default ``critic_replay``).
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ def run_variant(data: dict, head: ValueHead, module, passes: int, replay_size: i
     ``critic_lr``; ``max_grad_norm``).
     """
     hp = module.hparams
-    feats, t, pooled = data["feats"], data["t"], data["pooled"]
+    t, pooled = data["t"], data["pooled"]
+    # what the replay caches and the head reads: its parameter-free pooling of every step's taps
+    feats = [head.compress(f.flatten(0, 1)).unflatten(0, f.shape[:2]) for f in data["feats"]]
     reward = data["reward"]
     z = ((reward - reward.mean()) / reward.std())[:, None]
     num_steps = len(t)
@@ -81,7 +87,8 @@ def run_variant(data: dict, head: ValueHead, module, passes: int, replay_size: i
         if (it + 1) % every == 0 or it + 1 == iterations:
             with torch.no_grad():
                 curves[it + 1] = [explained_variance(
-                    head([f[held, k].float() for f in feats], t[k].expand(len(held)), pooled[held])[:, 0],
+                    head([f[held, k].float() for f in feats], t[k].expand(len(held)), pooled[held],
+                         compressed=True)[:, 0],
                     z[held, 0]).item() for k in range(num_steps)]
     return curves
 
@@ -95,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="6 iterations (checks the pipeline)")
+    parser.add_argument("--patch-sizes", type=int, nargs="+", default=None,
+                        help="value-head pooling factors to compare (default: the recipe's)")
+    parser.add_argument("--variants", choices=["all", "main"], default="all",
+                        help="main: only the main recipe's replay (2 passes from 32 iterations)")
+    parser.add_argument("--out", default="critic_replay", help="result file stem in benchmarks/results")
     args = parser.parse_args(argv)
     if args.quick:
         args.iterations = 6
@@ -108,12 +120,17 @@ def main(argv: list[str] | None = None) -> int:
                    torch.Generator().manual_seed(args.seed))
     print(f"collected {len(data['reward'])} trajectories in {time.time() - start:.0f} s", flush=True)
     dims = [f.shape[-1] if f.ndim == 4 else f.shape[2] for f in data["feats"]]
-    config = {"dim": module.value_head.dim, "patch_size": module.value_head.patch_size}
+    patches = args.patch_sizes or [module.value_head.patch_size]
+    variants = VARIANTS if args.variants == "all" else dict(list(VARIANTS.items())[-1:])
     every = max(1, args.iterations // 6)
     result: dict = {"ev": {}}
-    for name, (passes, replay_size, minibatch) in VARIANTS.items():
+    for (name, (passes, replay_size, minibatch)), patch in ((v, p) for p in patches for v in variants.items()):
         torch.manual_seed(args.seed)
-        head = ValueHead(dims, data["pooled"].shape[-1], **config)
+        head = ValueHead(dims, data["pooled"].shape[-1], dim=module.value_head.dim, patch_size=patch)
+        head.token_grid = module.backbone.feature_grid
+        if len(patches) > 1:
+            grid = head.compress(data["feats"][0][:1, 0]).shape
+            name += f", patch_size {patch} ({grid[1] if len(grid) == 3 else grid[2] * grid[3]} tokens per tap)"
         t0 = time.time()
         curves = run_variant(data, head, module, passes, replay_size, minibatch, args.iterations, held_out,
                              args.seed, every)
@@ -142,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                      + " |")
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "critic_replay.json").write_text(json.dumps(result, indent=2))
-        (RESULTS / "critic_replay.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

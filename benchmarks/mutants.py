@@ -136,10 +136,9 @@ MUTANTS: list[Mutant] = [
         _t("test_module_kl_is_the_gaussian_kl_of_policy_and_reference_steps"),
         "the module passes √σ as the step's std"),
     Mutant("rollout_value_time_next_step", "lit_diffac/rollout.py",
-        "values.append(value_head(features, sampler.timestep_fraction(index).to(device), "
-        "embeds.pooled).float())",
+        "values.append(value_head(features, sampler.timestep_fraction(index).to(device), embeds.pooled,",
         "values.append(value_head(features, sampler.timestep_fraction((index + 1) % "
-        "sampler.num_steps).to(device), embeds.pooled).float())",
+        "sampler.num_steps).to(device), embeds.pooled,",
         _t("test_recomputed_values_equal_the_rollout_values"),
         "the rollout stores values computed with the next step's time"),
     # --- estimators ----------------------------------------------------------------------------------------

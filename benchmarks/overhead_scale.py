@@ -17,7 +17,8 @@ This one builds **randomly initialised denoisers with the real models' layer sha
   ``mid_block``, ``up_blocks.1`` as in recipes/sd15.
 
 Both as the SD recipes configure them: LoRA rank 32 (alpha 32) policy on the attention projections, value
-head ``ValueHead(dim=256, num_heads=8, hidden=512)``, AdamW (0.9, 0.95), minibatch 16, the recipes' PPO clip,
+head ``ValueHead(dim=256, num_heads=8, hidden=512, patch_size=4 | 2)`` with the critic replay (8 iterations,
+2 value-only passes), AdamW (0.9, 0.95), minibatch 16, the recipes' PPO clip,
 cfg 1.0.  The text encoders are tiny random CLIP / T5 models whose outputs have the real shapes (the
 prompts are encoded once and cached; both sides of each comparison read the same cached embeddings);
 there is no VAE (``output_type="latent"`` in the pipeline; the rollout's ``decode`` is then an identity).
@@ -73,6 +74,8 @@ BACKBONES = ("sd35m", "sd15")
 SD35M_TAPS, SD35M_DEPTH, SD35M_DUAL_ATTENTION = (7, 15, 23), 24, 13
 SD15_TAPS = ("down_blocks.1", "mid_block", "up_blocks.1")
 VALUE_HEAD = {"dim": 256, "num_heads": 8, "hidden": 512}
+PATCH_SIZE = {"sd35m": 4, "sd15": 2}  # the head's pooling (recipes: 32x32 tokens -> 8x8; UNet maps 2x2)
+CRITIC_REPLAY = {"iterations": 8, "passes": 2, "minibatch_size": 64, "checkpoint": False}
 LORA_RANK = 32
 MINIBATCH = 16
 CLIP_RANGE = {"sd35m": 1e-4, "sd15": 1e-5}
@@ -206,6 +209,7 @@ def _zero_reward(images, prompts, **_):  # never called: the benchmark sets the 
 
 def build_modules(name: str, backbone, settings: dict):
     """``(with critic, without critic)`` LatentActorCritic modules sharing ``backbone``."""
+    from lit_diffac.critic_replay import CriticReplay
     from lit_diffac.estimators import CriticGAE, GroupRelative
     from lit_diffac.evaluation import HeldOutEvaluation
     from lit_diffac.modules import LatentActorCritic
@@ -220,10 +224,12 @@ def build_modules(name: str, backbone, settings: dict):
     batch = settings["batch"]
     common = dict(rewards=[CallableReward(_zero_reward, name="bench")], train_prompts=PROMPTS,
                   evaluation=HeldOutEvaluation(prompts=PROMPTS[:1], samples_per_prompt=1, diversity=False),
-                  value_head=functools.partial(ValueHead, **VALUE_HEAD), batch_size=batch, minibatch_size=MINIBATCH,
+                  value_head=functools.partial(ValueHead, **VALUE_HEAD, patch_size=PATCH_SIZE[name]),
+                  batch_size=batch, minibatch_size=MINIBATCH,
                   num_inner_epochs=1, clip_range=CLIP_RANGE[name], actor_lr=1e-4, critic_lr=1e-3,
                   seed=settings["seed"])
     critic = LatentActorCritic(backbone=backbone, sampler=sampler(), **common,
+                               critic_replay=CriticReplay(**CRITIC_REPLAY),
                                estimator=CriticGAE(gamma=1.0, lam=1.0, advantage_clip=10.0, target_clip=5.0))
     plain = LatentActorCritic(backbone=backbone, sampler=sampler(), **common, estimator=GroupRelative(),
                               samples_per_prompt=2 if batch % 2 == 0 else 1)
@@ -590,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine(settings), "settings": settings,
               "isolation": "one process per backbone" if isolate else "one process for all backbones",
               "comparisons": COMPARISONS, "targets": TARGETS,
-              "value_head": VALUE_HEAD, "lora_rank": LORA_RANK, "minibatch_size": MINIBATCH,
+              "value_head": VALUE_HEAD, "value_head_patch_size": PATCH_SIZE, "critic_replay": CRITIC_REPLAY,
+              "lora_rank": LORA_RANK, "minibatch_size": MINIBATCH,
               "wall_s": time.perf_counter() - started, **results}
     path = output_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,20 @@ iterations (seed 12345, CFG off; digits: 20 prompts × ``--eval-samples`` sample
   samples the actor-critic needs to reach GRPO's accuracy at that budget, as a fraction of it (the linearly
   interpolated seed-mean curve; "not reached" when it never does within the budget).
 
+**Tuned protocol** (``--grid KEY=V1,V2,… [KEY=…]``, e.g. ``--grid actor_lr=2.5e-5,5e-5,1e-4,2e-4``): every
+method gets the same grid (the product of the listed recipe values), run on one seed (``--tune-seed``, default the
+first of ``--seeds``); each (backbone, method) keeps the configuration with the best accuracy at the budget all
+its grid runs reached (ties: the best mean over the curve); then the other seeds run with that configuration.
+The CSV has every run (``config``, ``selected`` columns); the table, plot and headline use the selected ones, and
+the report lists the grid. ``KEY`` is a ``model.init_args`` key (``actor_lr``) or a full dotted path
+(``model.init_args.estimator.init_args.lam``).
+
+Each evaluation also records the run's training time so far (``train_seconds``: the module's per-iteration wall
+time summed, evaluations not counted), so the headline gives the same crossing in training time too:
+``time_fraction`` = actor-critic seconds to reach GRPO's final accuracy / GRPO's seconds (< 1: ahead at equal
+wall-clock). Runs in parallel share the machine alike, so the times compare; as absolute figures they are
+those of ``--jobs`` runs at a time.
+
 ``--time-limit`` stops runs still going (their curves end early and the comparison uses the budget all runs
 reached); ``--report-from CSV`` redoes the table, plot and headline of an earlier run without running anything.
 ``--quick`` (one seed, DiT only, 2 iterations, a tiny evaluation, written under ``results/quick/``) checks the
@@ -28,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -71,8 +86,39 @@ TASKS = {
 EVAL_LINE = re.compile(r"^\[eval ([\w-]+) @ iteration (\d+), (\d+) samples\] (.*)$")
 
 
-def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out_dir: Path) -> list[str]:
-    """The ``lit-diffac run`` command line of one (backbone, method, seed)."""
+def parse_grid(specs: list[str]) -> list[str]:
+    """``--grid`` values → configuration labels, the product of every key's values.
+
+    ``["actor_lr=1e-4,2e-4", "k=a"]`` → ``["actor_lr=1e-4 k=a", "actor_lr=2e-4 k=a"]``; no grid → ``[""]`` (the
+    recipes as they are).
+    """
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or not key or not values or "" in values.split(","):
+            raise SystemExit(f"--grid {spec!r}: expected KEY=V1,V2,... (e.g. actor_lr=2.5e-5,5e-5,1e-4,2e-4)")
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    return [" ".join(items) for items in itertools.product(*axes)] if axes else [""]
+
+
+def config_overrides(config: str) -> list[str]:
+    """A configuration label → recipe overrides (a bare key is a ``model.init_args`` key)."""
+    overrides = []
+    for item in config.split():
+        key, value = item.split("=", 1)
+        path = key if key.startswith(("model.", "trainer.", "seed_everything")) else f"model.init_args.{key}"
+        overrides.append(f"--{path}={value}")
+    return overrides
+
+
+def run_name(backbone: str, method: str, seed: int, config: str = "") -> str:
+    """The log and logger name of one run: ``grpo_dit_seed0`` (``…_actor_lr=1e-4`` with a configuration)."""
+    return f"{method}_{backbone}_seed{seed}" + (("_" + re.sub(r"[^\w.=-]+", "_", config)) if config else "")
+
+
+def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out_dir: Path,
+            config: str = "") -> list[str]:
+    """The ``lit-diffac run`` command line of one (backbone, method, seed, configuration)."""
     recipe = TASKS[args.task].recipes / f"{method}_{backbone}.yaml"
     return [sys.executable, "-m", "lit_diffac", "run", str(recipe), f"--seed_everything={seed}",
             f"--model.init_args.seed={seed}", f"--trainer.max_epochs={args.iterations}",
@@ -80,11 +126,11 @@ def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out
             # the module's own held-out evaluation only: no recipe callbacks (sample grids), no checkpoints
             "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
             f"--trainer.logger.init_args.save_dir={out_dir / 'runs'}",
-            f"--trainer.logger.init_args.name={method}_{backbone}_seed{seed}",
+            f"--trainer.logger.init_args.name={run_name(backbone, method, seed, config)}",
             f"--model.init_args.evaluation.init_args.every_n_iterations={args.eval_every}",
             f"--model.init_args.evaluation.init_args.samples_per_prompt={args.eval_samples}",
             # alignment only, as in the earlier results (diversity is NaN with one sample per prompt)
-            "--model.init_args.evaluation.init_args.diversity=false", *args.overrides]
+            "--model.init_args.evaluation.init_args.diversity=false", *args.overrides, *config_overrides(config)]
 
 
 def parse_log(text: str) -> tuple[list[dict], dict | None]:
@@ -106,8 +152,19 @@ def parse_log(text: str) -> tuple[list[dict], dict | None]:
     return evals, summary
 
 
-def run_all(jobs: list[tuple[str, str, int]], args: argparse.Namespace, out_dir: Path) -> dict:
-    """Run every job, ``args.jobs`` at a time; past ``args.time_limit`` seconds, stop what is still running.
+def train_seconds(evals: list[dict], summary: dict | None) -> None:
+    """Give each evaluation its run's training time so far (``summary.json``'s ``eval_train_seconds``; NaN for a
+    run stopped early, which wrote no summary)."""
+    history = (summary or {}).get("eval_history", [])
+    times = {e["samples_seen"]: s for e, s in zip(history, (summary or {}).get("eval_train_seconds", []))}
+    for e in evals:
+        e["train_seconds"] = float(times.get(e["samples"], math.nan))
+
+
+def run_all(jobs: list[tuple[str, str, int, str]], args: argparse.Namespace, out_dir: Path,
+            start: float | None = None) -> dict:
+    """Run every job ``(backbone, method, seed, config)``, ``args.jobs`` at a time; ``args.time_limit`` seconds
+    after ``start`` (default: now), stop what is still running.
 
     Returns ``{job: {"evals": [...], "summary": dict | None, "wall_s": float, "complete": bool}}``; a run that
     failed raises with the end of its log.
@@ -115,13 +172,15 @@ def run_all(jobs: list[tuple[str, str, int]], args: argparse.Namespace, out_dir:
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     pending, running, results = list(jobs), {}, {}
-    start = time.time()
+    start = time.time() if start is None else start
     while pending or running:
         while pending and len(running) < args.jobs:
             job = pending.pop(0)
-            log = out_dir / "runs" / ("{1}_{0}_seed{2}.log".format(*job))
+            backbone, method, seed, config = job
+            log = out_dir / "runs" / f"{run_name(*job)}.log"
             handle = log.open("w")
-            running[job] = (subprocess.Popen(command(*job, args, out_dir), env=env, stdout=handle,
+            running[job] = (subprocess.Popen(command(backbone, method, seed, args, out_dir, config), env=env,
+                                             stdout=handle,
                                              stderr=subprocess.STDOUT), handle, log, time.time())
         time.sleep(1.0)
         overtime = args.time_limit and time.time() - start > args.time_limit
@@ -135,6 +194,7 @@ def run_all(jobs: list[tuple[str, str, int]], args: argparse.Namespace, out_dir:
             del running[job]
             text = log.read_text()
             evals, summary = parse_log(text)
+            train_seconds(evals, summary)
             if proc.returncode not in (0, None) and not overtime:
                 raise RuntimeError(f"{job} failed (exit {proc.returncode}); end of {log}:\n" + text[-3000:])
             results[job] = {"evals": evals, "summary": summary, "wall_s": time.time() - began,
@@ -149,11 +209,12 @@ def run_all(jobs: list[tuple[str, str, int]], args: argparse.Namespace, out_dir:
     return results
 
 
-def curve_rows(backbone: str, method: str, seed: int, result: dict, task: str = "digits") -> list[dict]:
+def curve_rows(backbone: str, method: str, seed: int, result: dict, task: str = "digits",
+               config: str = "") -> list[dict]:
     spec = TASKS[task]
-    return [{"backbone": backbone, "method": method, "seed": seed, "iteration": e["iteration"],
-             "samples": e["samples"], "accuracy": e[spec.accuracy], "reward": e[spec.reward],
-             **{column: e[key] for column, key in spec.extra}}
+    return [{"backbone": backbone, "method": method, "seed": seed, "config": config, "iteration": e["iteration"],
+             "samples": e["samples"], "train_seconds": e.get("train_seconds", math.nan),
+             "accuracy": e[spec.accuracy], "reward": e[spec.reward], **{column: e[key] for column, key in spec.extra}}
             for e in result["evals"]]
 
 
@@ -177,8 +238,21 @@ def common_budget(rows: list[dict], backbone: str, methods: list[str]) -> int:
     return min(mean_curve(rows, backbone, m)[-1][0] for m in methods if mean_curve(rows, backbone, m))
 
 
-def samples_to_reach(curve: list[tuple[int, float, float, float]], target: float) -> float | None:
-    """First sample count at which the (linearly interpolated) mean curve reaches ``target``."""
+def time_curve(rows: list[dict], backbone: str, method: str, budget: float = math.inf) -> list[tuple[float, float]]:
+    """``(training seconds, accuracy)``, both means over seeds, at each evaluation point of :func:`mean_curve`
+    (points where a seed has no training time, a run stopped early, are left out)."""
+    curve = []
+    for samples, accuracy, *_ in mean_curve(rows, backbone, method, budget):
+        seconds = [r.get("train_seconds", math.nan) for r in rows if r["backbone"] == backbone and r["method"] == method
+                   and r["samples"] == samples]
+        if all(math.isfinite(s) for s in seconds):
+            curve.append((statistics.mean(seconds), accuracy))
+    return curve
+
+
+def samples_to_reach(curve: list[tuple], target: float) -> float | None:
+    """First x (samples, or seconds for a :func:`time_curve`) at which the (linearly interpolated) mean curve
+    ``[(x, accuracy, …), …]`` reaches ``target``."""
     if curve and curve[0][1] >= target:
         return float(curve[0][0])
     for (s0, a0, *_), (s1, a1, *_) in zip(curve, curve[1:]):
@@ -193,8 +267,33 @@ def headline(rows: list[dict], backbone: str) -> dict:
     ac, grpo = mean_curve(rows, backbone, "actor_critic", budget), mean_curve(rows, backbone, "grpo", budget)
     target, spent = grpo[-1][1], grpo[-1][0]
     needed = samples_to_reach(ac, target)
+    ac_time, grpo_time = time_curve(rows, backbone, "actor_critic", budget), time_curve(rows, backbone, "grpo", budget)
+    grpo_seconds = grpo_time[-1][0] if grpo_time and grpo_time[-1][1] == target else None
+    ac_seconds = samples_to_reach(ac_time, target) if grpo_seconds else None
     return {"backbone": backbone, "grpo_final": target, "grpo_samples": spent, "actor_critic_samples": needed,
-            "fraction": None if needed is None or spent == 0 else needed / spent}
+            "fraction": None if needed is None or spent == 0 else needed / spent,
+            "grpo_train_seconds": grpo_seconds, "actor_critic_train_seconds": ac_seconds,
+            "time_fraction": None if ac_seconds is None or not grpo_seconds else ac_seconds / grpo_seconds}
+
+
+def select(rows: list[dict], backbone: str, method: str, configs: list[str]) -> tuple[str, list[dict]]:
+    """The tuned protocol's choice: of one seed's grid runs of (backbone, method), the configuration with the best
+    accuracy at the budget all of them reached (ties: the best mean accuracy over the curve).
+
+    Returns the chosen label and one ``{"config", "budget", "accuracy", "curve_mean"}`` per configuration run.
+    """
+    curves = {c: mean_curve([r for r in rows if r["config"] == c], backbone, method) for c in configs}
+    curves = {c: curve for c, curve in curves.items() if curve}
+    if not curves:
+        raise RuntimeError(f"no grid run of {method} on {backbone} evaluated anything")
+    budget = min(curve[-1][0] for curve in curves.values())
+    table = []
+    for config, curve in curves.items():
+        points = [a for s, a, *_ in curve if s <= budget]
+        table.append({"config": config, "budget": budget, "accuracy": points[-1],
+                      "curve_mean": statistics.mean(points)})
+    best = max(table, key=lambda row: (row["accuracy"], row["curve_mean"]))
+    return best["config"], table
 
 
 def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path, task: str = "digits") -> None:
@@ -203,7 +302,21 @@ def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(backbones), figsize=(5.5 * len(backbones), 4), squeeze=False)
+    timed = any(math.isfinite(r.get("train_seconds", math.nan)) for r in rows)
+    fig, axes = plt.subplots(1 + timed, len(backbones), figsize=(5.5 * len(backbones), 4 * (1 + timed)),
+                             squeeze=False)
+    ylabel = "held-out accuracy (both digits right)" if task == "pairs" else "held-out alignment accuracy"
+    title = {"dit": "toy DiT (flow SDE)", "unet": "toy UNet (DDIM)"}
+    for ax, backbone in zip(axes[-1] if timed else (), backbones):  # the same curves against training time
+        for method in methods:
+            curve = time_curve(rows, backbone, method)
+            if curve:
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", ms=3, label=METHODS[method])
+        ax.set_title(title.get(backbone, backbone) + ": vs training time")
+        ax.set_xlabel("training seconds (mean over seeds; evaluations not counted)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
     for ax, backbone in zip(axes[0], backbones):
         for method in methods:
             curve = mean_curve(rows, backbone, method)
@@ -212,9 +325,9 @@ def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path,
             xs = [c[0] for c in curve]
             ax.plot(xs, [c[1] for c in curve], marker="o", ms=3, label=METHODS[method])
             ax.fill_between(xs, [c[2] for c in curve], [c[3] for c in curve], alpha=0.2)
-        ax.set_title({"dit": "toy DiT (flow SDE)", "unet": "toy UNet (DDIM)"}.get(backbone, backbone))
+        ax.set_title(title.get(backbone, backbone))
         ax.set_xlabel("generated training samples")
-        ax.set_ylabel("held-out accuracy (both digits right)" if task == "pairs" else "held-out alignment accuracy")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -223,7 +336,9 @@ def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path,
 
 
 def report(rows: list[dict], results: dict, backbones: list[str], methods: list[str], command: str,
-           machine: str) -> str:
+           machine: str, grid: dict | None = None) -> str:
+    """The markdown report of the selected runs (``rows``); ``grid``: ``{(backbone, method): select()'s table}``
+    of the tuned protocol, listed after the headline."""
     groups = [c for c in ("accuracy_seen", "accuracy_unseen") if rows and c in rows[0]]  # the pair task's
     lines = [f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}", "",
              "| backbone | method | base acc | budget (samples) | acc at budget: mean over seeds | min–max | "
@@ -239,7 +354,9 @@ def report(rows: list[dict], results: dict, backbones: list[str], methods: list[
             curve = mean_curve(rows, backbone, method, budget)
             at_budget = [r["accuracy"] for r in rows if r["backbone"] == backbone and r["method"] == method
                          and r["samples"] == curve[-1][0]]
-            runs = [r for (b, m, _), r in results.items() if b == backbone and m == method and r["evals"]]
+            chosen = {r.get("config", "") for r in rows if r["backbone"] == backbone and r["method"] == method}
+            runs = [r for (b, m, _, c), r in results.items()
+                    if b == backbone and m == method and c in chosen and r["evals"]]
             iters = "/".join(map(str, sorted({r["evals"][-1]["iteration"] for r in runs}))) or "—"
             evs = [r["summary"]["final_explained_variance"] for r in runs
                    if r["summary"] and r["summary"]["final_explained_variance"] is not None]
@@ -251,15 +368,30 @@ def report(rows: list[dict], results: dict, backbones: list[str], methods: list[
             lines.append(f"| {backbone} | {METHODS[method]} | {curve[0][1]:.3f} | {curve[-1][0]} | "
                          f"{curve[-1][1]:.3f} | {min(at_budget):.3f}–{max(at_budget):.3f} | {split}{complete} | "
                          f"{iters} | {ev} | {wall} |")
-    lines += ["", "| backbone | GRPO final acc | GRPO samples | actor-critic samples to reach it | fraction |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| backbone | GRPO final acc | GRPO samples | actor-critic samples to reach it | fraction | "
+              "GRPO training s | actor-critic s to reach it | time fraction |", "|---|---|---|---|---|---|---|---|"]
     for backbone in backbones:
         if "grpo" in methods and "actor_critic" in methods and mean_curve(rows, backbone, "grpo") \
                 and mean_curve(rows, backbone, "actor_critic"):
             h = headline(rows, backbone)
             reached = "not reached" if h["actor_critic_samples"] is None else f"{h['actor_critic_samples']:.0f}"
             frac = "—" if h["fraction"] is None else f"{h['fraction']:.2f}"
-            lines.append(f"| {backbone} | {h['grpo_final']:.3f} | {h['grpo_samples']} | {reached} | {frac} |")
+            secs = [("—" if h[k] is None else f"{h[k]:.0f}") for k in ("grpo_train_seconds", "actor_critic_train_seconds")]
+            if h["grpo_train_seconds"] is not None and h["actor_critic_train_seconds"] is None:
+                secs[1] = "not reached"
+            tfrac = "—" if h["time_fraction"] is None else f"{h['time_fraction']:.2f}"
+            lines.append(f"| {backbone} | {h['grpo_final']:.3f} | {h['grpo_samples']} | {reached} | {frac} | "
+                         f"{secs[0]} | {secs[1]} | {tfrac} |")
+    if grid:
+        lines += ["", "Tuned protocol: each method's grid on one seed; the chosen configuration (**bold**) ran on "
+                  "every seed.", "", "| backbone | method | configuration | budget | accuracy at budget | "
+                  "mean over the curve |", "|---|---|---|---|---|---|"]
+        for (backbone, method), table in grid.items():
+            best = max(table, key=lambda row: (row["accuracy"], row["curve_mean"]))
+            for row in table:
+                label = f"**{row['config']}**" if row is best else row["config"]
+                lines.append(f"| {backbone} | {METHODS[method]} | {label} | {row['budget']} | {row['accuracy']:.3f} | "
+                             f"{row['curve_mean']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -272,10 +404,12 @@ def group_mean(rows: list[dict], backbone: str, method: str, column: str, sample
 
 def read_csv(path: Path) -> list[dict]:
     """Rows of a ``sample_efficiency.csv`` (to redo the report and plot of an earlier run)."""
-    floats = ("accuracy", "reward", "accuracy_seen", "accuracy_unseen")
+    floats = ("accuracy", "reward", "accuracy_seen", "accuracy_unseen", "train_seconds")
     with path.open() as fh:
         return [{**r, "seed": int(r["seed"]), "iteration": int(r["iteration"]), "samples": int(r["samples"]),
-                 **{k: float(r[k]) for k in floats if k in r}} for r in csv.DictReader(fh)]
+                 "config": r.get("config", ""), **({"selected": int(r["selected"])} if "selected" in r else {}),
+                 **{k: float(r[k]) for k in floats if k in r}}
+                for r in csv.DictReader(fh)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-from", type=Path, default=None, metavar="CSV",
                         help="no runs: redo the table, plot and headline from an earlier run's CSV")
     parser.add_argument("--quick", action="store_true", help="one seed, DiT only, 2 iterations, a tiny evaluation")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                        help="tuned protocol: every method's grid on --tune-seed, then the best on every seed")
+    parser.add_argument("--tune-seed", type=int, default=None, help="the grid's seed (default: the first of --seeds)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
@@ -311,18 +448,39 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args.out) if args.out else RESULTS / "quick"
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = "python -m benchmarks.sample_efficiency " + " ".join(argv if argv is not None else sys.argv[1:])
+    configs = parse_grid(args.grid)
+    tune_seed = args.seeds[0] if args.tune_seed is None else args.tune_seed
+    grid, protocol = {}, None
     if args.report_from:
         rows, results = read_csv(args.report_from), {}
         earlier = args.report_from.with_suffix(".json")
-        machine = json.loads(earlier.read_text())["machine"] if earlier.is_file() else "see the CSV's run"
-        machine += f"; report redone from {args.report_from.name}"
+        previous = json.loads(earlier.read_text()) if earlier.is_file() else {}
+        machine = previous.get("machine", "see the CSV's run") + f"; report redone from {args.report_from.name}"
+        protocol = previous.get("protocol")
+        if protocol:
+            grid = {tuple(k.split("/")): v for k, v in protocol["grid_results"].items()}
     else:
-        jobs = [(b, m, s) for b in args.backbones for m in args.methods for s in args.seeds]
-        results = run_all(jobs, args, out_dir)
-        rows = [row for (b, m, s), r in results.items() for row in curve_rows(b, m, s, r, args.task)]
+        pairs = [(b, m) for b in args.backbones for m in args.methods]
+        start = time.time()
+        if len(configs) > 1:  # the tuned protocol: every method's grid on one seed, then its best on the others
+            results = run_all([(b, m, tune_seed, c) for b, m in pairs for c in configs], args, out_dir, start)
+            tuning = [row for (b, m, s, c), r in results.items() for row in curve_rows(b, m, s, r, args.task, c)]
+            grid = {(b, m): select(tuning, b, m, configs)[1] for b, m in pairs}
+            chosen = {(b, m): select(tuning, b, m, configs)[0] for b, m in pairs}
+            results.update(run_all([(b, m, s, chosen[b, m]) for b, m in pairs for s in args.seeds if s != tune_seed],
+                                   args, out_dir, start))
+            protocol = {"grid": args.grid, "tune_seed": tune_seed, "configs": configs,
+                        "selected": {f"{b}/{m}": c for (b, m), c in chosen.items()},
+                        "grid_results": {f"{b}/{m}": table for (b, m), table in grid.items()}}
+        else:
+            chosen = {pair: configs[0] for pair in pairs}
+            results = run_all([(b, m, s, configs[0]) for b, m in pairs for s in args.seeds], args, out_dir, start)
+        rows = [{**row, "selected": int(c == chosen[b, m])} for (b, m, s, c), r in results.items()
+                for row in curve_rows(b, m, s, r, args.task, c)]
         with (out_dir / f"{args.name}.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["backbone", "method", "seed", "iteration", "samples", "accuracy",
-                                                    "reward", *(column for column, _ in task.extra)])
+            writer = csv.DictWriter(fh, fieldnames=["backbone", "method", "seed", "config", "selected", "iteration",
+                                                    "samples", "train_seconds", "accuracy", "reward",
+                                                    *(column for column, _ in task.extra)])
             writer.writeheader()
             writer.writerows(rows)
         machine = f"{platform.node()} ({os.cpu_count()} CPUs, accelerator={args.accelerator}"
@@ -331,15 +489,16 @@ def main(argv: list[str] | None = None) -> int:
 
             machine += f", {torch.cuda.get_device_name(0)}"
         machine += f", OMP_NUM_THREADS={args.threads}, {args.jobs} runs at a time)"
+    rows = [r for r in rows if r.get("selected", 1)]  # the tuned protocol reports each method's chosen configuration
     backbones = [b for b in args.backbones if any(r["backbone"] == b for r in rows)]
     plot(rows, backbones, args.methods, out_dir / f"{args.name}.png", args.task)
-    text = report(rows, results, backbones, args.methods, cmd, machine)
+    text = report(rows, results, backbones, args.methods, cmd, machine, grid)
     (out_dir / f"{args.name}.md").write_text(text)
     headlines = [headline(rows, b) for b in backbones
                  if {"grpo", "actor_critic"} <= set(args.methods) and mean_curve(rows, b, "grpo")
                  and mean_curve(rows, b, "actor_critic")]
     (out_dir / f"{args.name}{'_report' if args.report_from else ''}.json").write_text(json.dumps(
-        {"command": cmd, "machine": machine, "headline": headlines,
+        {"command": cmd, "machine": machine, "headline": headlines, "protocol": protocol,
          "runs": {"/".join(map(str, k)): {"complete": r["complete"], "wall_s": r["wall_s"], "evals": r["evals"],
                                           "final_explained_variance": (r["summary"] or {}).get(
                                               "final_explained_variance")} for k, r in results.items()}},

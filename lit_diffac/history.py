@@ -36,6 +36,10 @@ class RunHistory:
             (``label`` ``"base"`` first, then ``"periodic"`` ones, the last one ``"final"``).
         recent: the training metrics of the last :data:`SUMMARY_WINDOW` iterations.
         last_metrics: the training metrics of the last iteration (what the progress bar shows).
+        train_seconds: wall time spent in training iterations so far (the sum of their
+            ``perf/iteration_time``; evaluations and checkpointing not counted).
+        eval_train_seconds: ``train_seconds`` at each evaluation (kept apart from ``evaluations``, which a
+            resumed run reproduces exactly), so accuracy can be read against training time as well as samples.
     """
 
     def __init__(self, window: int = SUMMARY_WINDOW) -> None:
@@ -45,6 +49,8 @@ class RunHistory:
         self.recent: list[dict[str, float]] = []
         self.last_metrics: dict[str, float] = {}
         self.iterations = 0
+        self.train_seconds = 0.0
+        self.eval_train_seconds: list[float] = []
         self.started: float | None = None
 
     def start(self) -> None:
@@ -54,6 +60,7 @@ class RunHistory:
     def record_iteration(self, metrics: dict[str, float]) -> None:
         """Keep one iteration's training metrics."""
         self.iterations += 1
+        self.train_seconds += float(metrics.get("perf/iteration_time", 0.0))
         self.last_metrics = metrics
         self.recent.append(metrics)
         del self.recent[:-self.window]
@@ -61,22 +68,27 @@ class RunHistory:
     def record_evaluation(self, label: str, iteration: int, metrics: Mapping[str, float]) -> dict:
         """Append one held-out evaluation (after ``iteration`` completed iterations) and return the entry."""
         entry = {"iteration": iteration, "label": label, "samples_seen": self.samples_seen, **metrics}
+        self.eval_train_seconds.append(self.train_seconds)
         self.evaluations.append(entry)
         return entry
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples_seen": int(self.samples_seen), "eval_history": [dict(e) for e in self.evaluations],
-                "recent_metrics": [dict(m) for m in self.recent], "iterations": int(self.iterations)}
+                "recent_metrics": [dict(m) for m in self.recent], "iterations": int(self.iterations),
+                "train_seconds": float(self.train_seconds), "eval_train_seconds": list(self.eval_train_seconds)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.samples_seen = state["samples_seen"]
         self.evaluations = [dict(e) for e in state["eval_history"]]
         self.recent = [dict(m) for m in state["recent_metrics"]]
-        self.iterations = state.get("iterations", 0)  # older checkpoints lack it
+        self.iterations = state.get("iterations", 0)  # older checkpoints lack these two
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.eval_train_seconds = list(state.get("eval_train_seconds", [math.nan] * len(self.evaluations)))
 
     def summary(self, module: str, iterations: int, seed: int, checkpoint: str | Path | None = None) -> dict:
         """The ``summary.json`` of a run: base and final held-out metrics, diagnostics averaged over the last
-        iterations (``train/…`` into ``final_train``; ``perf/…`` left out), samples seen, wall time and the
+        iterations (``train/…`` into ``final_train``; ``perf/…`` left out), samples seen, wall time, training
+        time (``train_seconds``; ``eval_train_seconds``: at each entry of ``eval_history``) and the
         checkpoint that holds the final weights (``None``: none written)."""
         base = next((e for e in self.evaluations if e["label"] == "base"), None)
         final = self.evaluations[-1] if self.evaluations else {}
@@ -89,12 +101,14 @@ class RunHistory:
             "iterations": iterations,
             "samples_seen": self.samples_seen,
             "wall_time_s": wall,
+            "train_seconds": self.train_seconds,
             "base": {k: v for k, v in (base or {}).items() if k.startswith("eval/")},
             "final": {k: v for k, v in final.items() if k.startswith("eval/")},
             "final_explained_variance": averaged.get("train/explained_variance"),
             "final_train": {"averaged_over_iterations": len(recent),
                             **{k: v for k, v in sorted(averaged.items()) if not k.startswith("perf/")}},
             "eval_history": self.evaluations,
+            "eval_train_seconds": self.eval_train_seconds,
             "seed": seed,
             "checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
         }

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PolicyLossOutput", "ppo_policy_loss", "ValueLossOutput", "value_loss", "gaussian_kl",
-           "explained_variance"]
+__all__ = ["PolicyLossOutput", "ppo_policy_loss", "ValueLossOutput", "value_loss", "gaussian_kl", "flow_grpo_kl",
+           "reference_kl", "KL_FORMS", "explained_variance"]
+
+#: The forms of the KL to the reference policy that :func:`reference_kl` computes.
+KL_FORMS = ("exact", "flow_grpo")
 
 
 @dataclass
@@ -150,7 +153,8 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -
     .. math:: \operatorname{KL}\big(N(μ, σ^2 I)\,\|\,N(μ_{ref}, σ^2 I)\big) / D
               = \operatorname{mean}_d\, (μ_d − μ_{ref,d})^2 / (2σ^2)
 
-    (the exact KL of the policy's step to the reference policy's step, per dimension, like the log-probs).
+    (the exact KL of the policy's step to the reference policy's step, per dimension, like the log-probs;
+    flow_grpo's form, :func:`flow_grpo_kl`, is this times the step's ``|dt|``).
 
     Args:
         mean: ``[M, ...]`` the policy's step mean ``μ`` (carries gradient).
@@ -166,6 +170,66 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -
         raise ValueError(f"std must have shape {tuple(mean.shape[:1])}, got {tuple(std.shape)}")
     var = std.view(-1, *([1] * (mean.ndim - 1))) ** 2
     return ((mean - ref_mean.detach()) ** 2 / (2 * var)).flatten(1).mean(1)
+
+
+def flow_grpo_kl(mean: torch.Tensor, ref_mean: torch.Tensor, diffusion_std: torch.Tensor) -> torch.Tensor:
+    r"""flow_grpo's KL term to the reference (``scripts/train_sd3.py``): the squared mean difference over ``2 s²``.
+
+    .. math:: \operatorname{mean}_d\, (μ_d − μ_{ref,d})^2 / (2 s^2)
+              = \operatorname{KL}\big(N(μ, s^2|dt| I)\,\|\,N(μ_{ref}, s^2|dt| I)\big) / D \;·\; |dt|
+
+    flow_grpo computes ``((prev_sample_mean − prev_sample_mean_ref) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+    / (2 * std_dev_t ** 2)`` and averages it over the batch, with ``std_dev_t = s = a √(σ / (1 − σ))`` the SDE's
+    diffusion coefficient — not the step's std ``s √(−dt)``.  It is therefore the exact per-dimension KL
+    (:func:`gaussian_kl`) times the step's ``|dt| = σ_k − σ_{k+1}``: smaller by ``1/|dt|`` (SD3's shift-3 schedule:
+    3.7–112 at 10 steps, 14–115 at 40), so flow_grpo's ``β`` on step ``k`` is ours times ``1/|dt_k|``.  Since
+    ``Σ_k |dt_k| = σ_0 − σ_K = 1``, the steps' mean ``|dt|`` is ``1/K`` (docs/baselines.md).
+
+    Args:
+        mean: ``[M, ...]`` the policy's step mean ``μ`` (carries gradient).
+        ref_mean: ``[M, ...]`` the reference policy's step mean ``μ_ref`` (constant).
+        diffusion_std: ``[M]`` ``s`` (flow_grpo's ``std_dev_t``).
+
+    Returns:
+        ``[M]`` per sample, float32 or wider.
+    """
+    if mean.shape != ref_mean.shape:
+        raise ValueError(f"mean {tuple(mean.shape)} and ref_mean {tuple(ref_mean.shape)} must have equal shapes")
+    if diffusion_std.shape != mean.shape[:1]:
+        raise ValueError(f"diffusion_std must have shape {tuple(mean.shape[:1])}, got {tuple(diffusion_std.shape)}")
+    squared = ((mean - ref_mean.detach()) ** 2).flatten(1).mean(1)
+    return squared / (2 * diffusion_std**2)
+
+
+def reference_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, form: str = "exact",
+                 dt: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The per-sample KL term to the reference policy in the chosen form, from a sampler step's ``mean`` / ``std``.
+
+    * ``"exact"``: :func:`gaussian_kl` — ``mean_d (μ − μ_ref)² / (2σ²)`` with ``σ`` the step's std (any sampler).
+    * ``"flow_grpo"``: :func:`flow_grpo_kl` with ``s = σ / √|dt|`` (flow SDE steps, whose ``σ = s √(−dt)``) —
+      ``mean_d (μ − μ_ref)² / (2 s²) = |dt| · exact``.
+
+    Args:
+        mean: ``[M, ...]`` the policy's step mean (carries gradient).
+        ref_mean: ``[M, ...]`` the reference policy's step mean (constant).
+        std: ``[M]`` the step's std ``σ``.
+        form: one of :data:`KL_FORMS`.
+        dt: ``[M]`` the steps' ``dt = σ_{k+1} − σ_k < 0`` (flow noise levels); needed by ``"flow_grpo"``.
+
+    Returns:
+        ``[M]`` per sample.
+    """
+    if form == "exact":
+        return gaussian_kl(mean, ref_mean, std)
+    if form != "flow_grpo":
+        raise ValueError(f"form must be one of {KL_FORMS}, got {form!r}")
+    if dt is None:
+        raise ValueError("the flow_grpo KL needs the steps' dt (a flow-matching SDE sampler)")
+    if dt.shape != std.shape:
+        raise ValueError(f"dt must have shape {tuple(std.shape)}, got {tuple(dt.shape)}")
+    if not bool((dt < 0).all()):
+        raise ValueError("dt = sigma_next - sigma must be < 0 (flow steps go from noise to data)")
+    return flow_grpo_kl(mean, ref_mean, std / (-dt.to(std)).sqrt())
 
 
 @torch.no_grad()

@@ -36,8 +36,10 @@ class Rollout:
         values: ``[B, K, R]`` fp32 ``V_old(s_k)`` (zeros when rolled out without a critic).
         images: ``[B, 3, H, W]`` decoded final images in [0, 1].
         rewards: ``[B, R_r]`` fp32 raw rewards, one column per reward (filled by the module).
-        features: when requested, the backbone features of every step, one ``[B, K, ...]`` tensor per tap
-            (detached; lets the critic take extra regression passes without new backbone passes).
+        features: when requested, the backbone features of every step, one ``[B, K, ...]`` tensor per tap, as the
+            value head reads them before any of its parameters (``ValueHead.compress``: its ``patch_size``
+            pooling; the raw features for a head without ``compress``), in the backbone's dtype (detached; lets
+            the critic take extra regression passes without new backbone passes).
     """
 
     prompts: list[str]
@@ -136,7 +138,7 @@ def collect_rollout(
             ``cfg_scale``, the guidance the policy is trained with).
         device: where to run (default: the backbone's).
         dtype: latent dtype fed to the backbone (log-prob maths stays fp32).
-        keep_features: store every step's backbone features in :attr:`Rollout.features`.
+        keep_features: store every step's (compressed) backbone features in :attr:`Rollout.features`.
     """
     device = torch.device(device) if device is not None else next(backbone.denoiser.parameters()).device
     prompts = list(prompts)
@@ -145,14 +147,19 @@ def collect_rollout(
     uncond = backbone.encode_negative(len(prompts)).to(device) if cfg_scale != 1.0 else None
     x = sampler.init_noise((len(prompts), *backbone.latent_shape), generator=generator, device=device)
     latents, log_probs, values, kept = [x], [], [], []
+    compress = getattr(value_head, "compress", None)  # the head's parameter-free pooling: once per step
     for k in range(sampler.num_steps):
         index = torch.full((len(prompts),), k, device=device, dtype=torch.long)
         t = sampler.timestep_for(index, device=device)
         prediction, features = denoise(backbone, x.to(dtype), t, embeds, cfg_scale, uncond)
+        read, raw = {}, features
+        if compress is not None:  # the value reads the pooled features as they are; they are kept in raw's dtype
+            features, read = [compress(f) for f in features], {"compressed": True}
         if keep_features:
-            kept.append(features)
+            kept.append([f.to(r.dtype) for f, r in zip(features, raw)])
         if value_head is not None:
-            values.append(value_head(features, sampler.timestep_fraction(index).to(device), embeds.pooled).float())
+            values.append(value_head(features, sampler.timestep_fraction(index).to(device), embeds.pooled,
+                                     **read).float())
         else:
             values.append(torch.zeros(len(prompts), num_values, device=device))
         step = sampler.step(prediction, index, x, generator=generator)

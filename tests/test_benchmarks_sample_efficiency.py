@@ -57,7 +57,8 @@ def test_pairs_task_uses_its_recipes_metrics_and_result_name(tmp_path):
               "eval/pair_alignment_accuracy_unseen": 0.1 + i / 10} for i in (0, 2)]
     rows = [row for method in ("actor_critic", "grpo")
             for row in se.curve_rows("dit", method, 0, {"evals": evals}, task="pairs")]
-    assert rows[1] == {"backbone": "dit", "method": "actor_critic", "seed": 0, "iteration": 2, "samples": 64,
+    assert rows[1] == {"backbone": "dit", "method": "actor_critic", "seed": 0, "config": "", "iteration": 2,
+                       "samples": 64, "train_seconds": pytest.approx(float("nan"), nan_ok=True),
                        "accuracy": pytest.approx(0.4), "reward": pytest.approx(0.3),
                        "accuracy_seen": pytest.approx(0.5), "accuracy_unseen": pytest.approx(0.3)}
     table = se.report(rows, {}, ["dit"], ["actor_critic", "grpo"], "cmd", "machine")
@@ -68,5 +69,82 @@ def test_pairs_task_uses_its_recipes_metrics_and_result_name(tmp_path):
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    assert se.read_csv(path) == rows
+    assert [{k: v for k, v in r.items() if k != "train_seconds"} for r in se.read_csv(path)] == \
+        [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
     assert "seen pairs" not in se.report(_rows("grpo", [(0, 0.4), (640, 0.5)]), {}, ["dit"], ["grpo"], "c", "m")
+
+
+def _timed(method, points, seeds=(0, 1)):
+    """Rows with training times: ``points`` are (samples, accuracy, seconds)."""
+    return [{"backbone": "dit", "method": method, "seed": s, "config": "", "iteration": x // 32, "samples": x,
+             "train_seconds": sec + s, "accuracy": a, "reward": a} for s in seeds for x, a, sec in points]
+
+
+def test_headline_in_training_time_uses_each_method_s_own_seconds():
+    from benchmarks.sample_efficiency import headline, time_curve
+
+    # the actor-critic reaches GRPO's 0.5 at 320 samples (fraction 0.5) but its iterations cost twice as much
+    rows = _timed("actor_critic", [(0, 0.4, 0), (320, 0.5, 200), (640, 0.7, 400)]) + \
+        _timed("grpo", [(0, 0.4, 0), (320, 0.45, 100), (640, 0.5, 200)])
+    assert time_curve(rows, "dit", "grpo") == [(0.5, 0.4), (100.5, 0.45), (200.5, 0.5)]
+    h = headline(rows, "dit")
+    assert h["fraction"] == pytest.approx(0.5)
+    assert h["grpo_train_seconds"] == pytest.approx(200.5) and h["actor_critic_train_seconds"] == pytest.approx(200.5)
+    assert h["time_fraction"] == pytest.approx(1.0)  # no faster at equal wall-clock
+    stopped = [dict(r, train_seconds=float("nan")) if r["method"] == "grpo" and r["seed"] == 1 and r["samples"] == 640
+               else r for r in rows]  # a GRPO run stopped early has no times: no time headline, samples still count
+    assert headline(stopped, "dit")["time_fraction"] is None and headline(stopped, "dit")["fraction"] == 0.5
+
+
+def test_grid_labels_and_overrides():
+    from benchmarks.sample_efficiency import config_overrides, parse_grid, run_name
+
+    assert parse_grid([]) == [""]
+    configs = parse_grid(["actor_lr=1e-4,2e-4", "model.init_args.estimator.init_args.lam=0.9"])
+    assert configs == ["actor_lr=1e-4 model.init_args.estimator.init_args.lam=0.9",
+                       "actor_lr=2e-4 model.init_args.estimator.init_args.lam=0.9"]
+    assert config_overrides(configs[1]) == ["--model.init_args.actor_lr=2e-4",
+                                            "--model.init_args.estimator.init_args.lam=0.9"]
+    assert run_name("dit", "grpo", 1, "actor_lr=2e-4") == "grpo_dit_seed1_actor_lr=2e-4"
+    for bad in (["actor_lr"], ["actor_lr="], ["=1"], ["actor_lr=1,,2"]):
+        with pytest.raises(SystemExit):
+            parse_grid(bad)
+
+
+def test_tuned_protocol_picks_each_method_s_best_on_one_seed_then_runs_it_on_every_seed(tmp_path, monkeypatch):
+    import benchmarks.sample_efficiency as se
+
+    # each configuration's final accuracy: the actor-critic is best at 1e-4, GRPO at 2e-4
+    best = {("actor_critic", "actor_lr=1e-4"): 0.8, ("actor_critic", "actor_lr=2e-4"): 0.6,
+            ("grpo", "actor_lr=1e-4"): 0.5, ("grpo", "actor_lr=2e-4"): 0.7}
+    calls = []
+
+    def fake_run_all(jobs, args, out_dir, start=None):
+        calls.append(list(jobs))
+        return {job: {"evals": [{"label": "base", "iteration": 0, "samples": 0, "train_seconds": 0.0,
+                                 "eval/digit_alignment": 0.3, "eval/digit_alignment_accuracy": 0.3},
+                                {"label": "final", "iteration": 2, "samples": 64, "train_seconds": 10.0 + job[2],
+                                 "eval/digit_alignment": 0.5,
+                                 "eval/digit_alignment_accuracy": best[job[1], job[3]] + 0.01 * job[2]}],
+                      "summary": None, "wall_s": 1.0, "complete": True} for job in jobs}
+
+    monkeypatch.setattr(se, "run_all", fake_run_all)
+    monkeypatch.setattr(se, "plot", lambda *a, **k: None)
+    assert se.main(["--backbones", "dit", "--methods", "actor_critic", "grpo", "--seeds", "0", "1", "2",
+                    "--grid", "actor_lr=1e-4,2e-4", "--out", str(tmp_path), "--name", "t"]) == 0
+    assert sorted(calls[0]) == sorted((b, m, 0, c) for b in ["dit"] for m in ["actor_critic", "grpo"]
+                                      for c in ["actor_lr=1e-4", "actor_lr=2e-4"])  # the grid, on the tune seed
+    assert sorted(calls[1]) == [("dit", "actor_critic", s, "actor_lr=1e-4") for s in (1, 2)] + \
+        [("dit", "grpo", s, "actor_lr=2e-4") for s in (1, 2)]  # then each method's best on the other seeds
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["protocol"]["selected"] == {"dit/actor_critic": "actor_lr=1e-4", "dit/grpo": "actor_lr=2e-4"}
+    assert result["headline"][0]["grpo_final"] == pytest.approx(0.71)  # mean of 0.70 / 0.71 / 0.72
+    text = (tmp_path / "t.md").read_text()
+    assert "| dit | actor-critic (ours) | **actor_lr=1e-4** | 64 | 0.800 |" in text
+    assert "| dit | GRPO | actor_lr=1e-4 | 64 | 0.500 |" in text
+    redone = se.read_csv(tmp_path / "t.csv")
+    assert len(redone) == 2 * (4 + 4)  # every run is in the CSV, the unselected grid runs too
+    assert se.main(["--backbones", "dit", "--methods", "actor_critic", "grpo", "--report-from",
+                    str(tmp_path / "t.csv"), "--out", str(tmp_path), "--name", "t"]) == 0
+    assert json.loads((tmp_path / "t_report.json").read_text())["headline"] == result["headline"]
+    assert "**actor_lr=1e-4**" in (tmp_path / "t.md").read_text()  # the grid table comes back from the JSON

@@ -106,12 +106,12 @@ EXTRA = {
                        "--model.init_args.backbone.init_args.cfg_scale=2.0",
                        "--model.init_args.backbone.init_args.negative_prompt=blurry, low quality"],
     "sd15/aesthetic": ["--model.init_args.backbone.init_args.critic_lora_rank=2",
-                       "--model.init_args.value_gradient=critic_lora"],
+                       "--model.init_args.value_gradient=critic_lora", "--model.init_args.critic_replay=null"],
     "sd35/pickscore": ["--model.init_args.backbone.init_args.weights_dtype=float32",
                        "--model.init_args.backbone.init_args.cfg_scale=3.0",
                        "--model.init_args.backbone.init_args.negative_prompt=blurry"],
     "sd35/ocr": ["--model.init_args.backbone.init_args.critic_lora_rank=2",
-                 "--model.init_args.value_gradient=critic_lora",
+                 "--model.init_args.value_gradient=critic_lora", "--model.init_args.critic_replay=null",
                  "--model.init_args.backbone.init_args.use_t5=false"],
 }
 

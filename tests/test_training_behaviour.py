@@ -485,3 +485,34 @@ def test_kl_term_pulls_the_policy_toward_the_reference(toy_pipelines):
     run_update(module, rollout)
     after = module_kl(module, rollout, ALL_I, ALL_K).mean()
     assert after < 0.9 * before, (before, after)
+
+
+def test_flow_grpo_kl_form_is_the_exact_kl_times_the_step_dt(toy_pipelines):
+    from lit_diffac.errors import ConfigError
+    from lit_diffac.losses import flow_grpo_kl
+
+    module, rollout = _lora_module(toy_pipelines, kl_coef=0.1)
+    exact = module_kl(module, rollout, ALL_I, ALL_K)
+    module.hparams.kl_form = "flow_grpo"
+    flow = module_kl(module, rollout, ALL_I, ALL_K)
+    sigmas = module.sampler.sigmas
+    dt = sigmas[ALL_K] - sigmas[ALL_K + 1]
+    assert dt.min() > 0 and not torch.allclose(flow, exact)
+    torch.testing.assert_close(flow, exact * dt)
+    backbone, sampler, _ = parts(module)  # and flow_grpo's own formula, with its diffusion coefficient s = σ/√|dt|
+    x, t, embeds = rollout.latents[ALL_I, ALL_K], sampler.timestep_for(ALL_K), rollout.embeds[ALL_I]
+    with torch.no_grad():
+        policy = sampler.step(backbone(x, t, embeds).prediction, ALL_K, x, prev_sample=rollout.latents[ALL_I, ALL_K + 1])
+        backbone.denoiser.disable_adapters()
+        try:
+            reference = sampler.step(backbone(x, t, embeds).prediction, ALL_K, x)
+        finally:
+            backbone.denoiser.enable_adapters()
+    torch.testing.assert_close(flow, flow_grpo_kl(policy.mean, reference.mean, policy.std / dt.sqrt()),
+                               rtol=1e-4, atol=1e-9)
+    unet = load_backbone(toy_pipelines, "unet", lora_rank=4)
+    with pytest.raises(ConfigError, match="kl_form='flow_grpo' needs a FlowSDESampler"):
+        make_module(unet, PlantedEstimator(torch.zeros(B, K)), kl_coef=0.1, kl_form="flow_grpo",
+                    sampler=DDIMSampler(num_steps=K))
+    with pytest.raises(ConfigError, match="kl_form must be one of"):
+        make_module(unet, PlantedEstimator(torch.zeros(B, K)), kl_form="approx")

@@ -56,9 +56,34 @@ def test_features_matter_and_detach_option():
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in maps)
 
 
-def test_patch_size_pools_tokens():
+def test_patch_size_pools_maps_and_token_grids():
     head = ValueHead([16], text_dim=4, patch_size=2)
-    assert head.tokens(torch.randn(2, 16, 8, 8)).shape == (2, 16, 16)
+    assert head.tokens(head.compress(torch.randn(2, 16, 8, 8))).shape == (2, 16, 16)
+    # DiT image tokens [B, h·w, C] on a 4x6 grid: the same pooling as the map they flatten (row-major)
+    maps = torch.randn(2, 16, 4, 6)
+    tokens = maps.flatten(2).transpose(1, 2)
+    with pytest.raises(ValueError, match="needs their grid"):
+        head.compress(tokens)
+    head.token_grid = (6, 4)
+    with pytest.raises(ValueError, match="needs their grid"):  # rows and columns matter, not only the count
+        head.compress(tokens[:, :20])
+    head.token_grid = (4, 6)
+    expected = torch.nn.functional.avg_pool2d(maps, 2).flatten(2).transpose(1, 2)
+    assert torch.equal(head.compress(tokens), expected) and expected.shape == (2, 6, 16)
+    assert head.compress(tokens.bfloat16()).dtype == torch.float32  # pooled in fp32
+    head.patch_size = 1
+    assert head.compress(tokens) is tokens  # no pooling: the feature itself
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 4, 4), (3, 16, 8)], ids=["maps", "tokens"])
+def test_reading_compressed_features_is_reading_the_features(shape):
+    head = _open_gates(ValueHead([8], text_dim=12, dim=32, patch_size=2))
+    head.token_grid = (4, 4)
+    feature = torch.randn(*shape)
+    t, pooled = torch.rand(3), torch.randn(3, 12)
+    assert torch.equal(head([feature], t, pooled), head([head.compress(feature)], t, pooled, compressed=True))
+    assert not torch.allclose(head([feature], t, pooled), head([feature[..., :2, :2] if len(shape) == 4 else
+                                                                 feature[:, :4]], t, pooled, compressed=True))
 
 
 def test_validation_messages():

@@ -293,6 +293,12 @@ class DiffusionBackbone(nn.Module, abc.ABC):
         return list(self._feature_dims)
 
     @property
+    def feature_grid(self) -> tuple[int, int] | None:
+        """``(rows, columns)`` of the image tokens a tap returns when taps are token sequences ``[B, N, C]``
+        (transformers); ``None`` when they are maps ``[B, C, H, W]`` that carry their own grid (UNets)."""
+        return None
+
+    @property
     def pooled_dim(self) -> int:
         """Width of :attr:`PromptEmbeds.pooled`."""
         return self.encode_prompts([""]).pooled.shape[-1]

@@ -123,6 +123,12 @@ class DiTBackbone(DiffusionBackbone):
     def _tap_select(self, output):
         return _image_tokens(output)
 
+    @property
+    def feature_grid(self) -> tuple[int, int]:
+        """``(H/p, W/p)``: the patch grid of the image tokens (row-major, as the transformer's patch embedding)."""
+        patch = self.denoiser.config.patch_size
+        return self.latent_hw[0] // patch, self.latent_hw[1] // patch
+
     def _tap_dim(self, name: str) -> int:
         return self.denoiser.config.num_attention_heads * self.denoiser.config.attention_head_dim
 

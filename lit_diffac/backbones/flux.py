@@ -247,6 +247,11 @@ class FluxBackbone(DiffusionBackbone):
         return (self.denoiser.config.in_channels // 4, self.latent_size, self.latent_size)
 
     @property
+    def feature_grid(self) -> tuple[int, int]:
+        """``(H/2, W/2)``: the grid of the packed 2×2 image tokens (row-major, as :func:`pack_latents`)."""
+        return self.latent_size // 2, self.latent_size // 2
+
+    @property
     def image_seq_len(self) -> int:
         """Packed image tokens per sample, ``(H/2)(W/2)``: what ``FluxPipeline``'s shift ``mu`` depends on."""
         return (self.latent_size // 2) ** 2

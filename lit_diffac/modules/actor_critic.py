@@ -31,6 +31,7 @@ from lit_diffac.backbones.base import DiffusionBackbone, PromptEmbeds
 from lit_diffac.critic_replay import CriticReplay, fit_from_rollout
 from lit_diffac.data.prompts import PromptSource, load_prompts
 from lit_diffac.distributed import all_processes, gather_processes, is_sharded, shard_module
+from lit_diffac.errors import ConfigError
 from lit_diffac.estimators import AdvantageEstimator, Advantages, CriticGAE
 from lit_diffac.evaluation import HeldOutEvaluation, default_sampler
 from lit_diffac.faults import (GracefulStop, NonFiniteGuard, NonFiniteUpdate, TrainableSnapshot,
@@ -46,6 +47,7 @@ from lit_diffac.resume import CHECKPOINT_KEY, load_training_state, training_stat
 from lit_diffac.rewards.base import Reward
 from lit_diffac.rollout import Rollout, collect_rollout, denoise, iteration_generator, sample_prompt_groups
 from lit_diffac.samplers.base import Sampler
+from lit_diffac.samplers.flow import FlowSDESampler
 from lit_diffac.value_heads.head import ValueHead
 
 ValueHeadFactory = Callable[[list[int], int, int], nn.Module]
@@ -72,6 +74,9 @@ class LatentActorCritic(L.LightningModule):
         value_clip_range: clip of ``V`` around ``V_old`` in the value loss (``None``: unclipped).
         kl_coef: weight β of the per-step KL to the reference policy (:func:`~lit_diffac.losses.gaussian_kl`);
             the reference is the base model, computed by disabling the LoRA adapter, so it needs a LoRA policy.
+        kl_form: ``"exact"`` (the Gaussian KL of the two steps) or ``"flow_grpo"`` (flow_grpo's form, the exact KL
+            times the step's ``|dt|``: a flow SDE sampler; :func:`~lit_diffac.losses.flow_grpo_kl`,
+            docs/baselines.md), so that ``kl_coef`` is flow_grpo's ``beta``.
         critic_replay: extra value-only passes on cached features of recent iterations (head only;
             :class:`~lit_diffac.critic_replay.CriticReplay`); ``None``: PPO minibatches only (the paper).
         actor_lr, critic_lr: learning rates of the two optimisers.
@@ -104,6 +109,7 @@ class LatentActorCritic(L.LightningModule):
         clip_range: float = 1e-4,
         value_clip_range: float | None = None,
         kl_coef: float = 0.0,
+        kl_form: Literal["exact", "flow_grpo"] = "exact",
         critic_replay: CriticReplay | None = None,
         actor_lr: float = 1e-4,
         critic_lr: float = 1e-3,
@@ -126,12 +132,17 @@ class LatentActorCritic(L.LightningModule):
         self.register_buffer("reward_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.sampler = sampler if sampler is not None else default_sampler(backbone)
         self.sampler.setup(backbone.scheduler)
+        if kl_form == "flow_grpo" and not isinstance(self.sampler, FlowSDESampler):
+            raise ConfigError(f"kl_form='flow_grpo' needs a FlowSDESampler, got {type(self.sampler).__name__} "
+                              "(flow_grpo's KL divides by the flow SDE's diffusion coefficient); use kl_form='exact'")
         self.num_values = self.num_value_outputs()
         factory = value_head if value_head is not None else ValueHead
         self.value_head = factory(backbone.feature_dims, backbone.pooled_dim, self.num_values) \
             if self.estimator.uses_critic else None
         if self.value_head is not None and hasattr(self.value_head, "detach_features"):
             self.value_head.detach_features = value_gradient == "detached"  # critic_lora: grads reach the adapter
+        if self.value_head is not None and hasattr(self.value_head, "token_grid"):
+            self.value_head.token_grid = backbone.feature_grid  # to pool a DiT's image tokens (patch_size > 1)
         self.reward_normalizer = RewardNormalizer(len(self.rewards), self.estimator.reward_normalization)
         self.train_prompt_list = load_prompts(train_prompts)
         self.evaluation = evaluation if evaluation is not None else HeldOutEvaluation()
@@ -316,6 +327,9 @@ class LatentActorCritic(L.LightningModule):
                 ref_prediction, _ = denoise(self.backbone, latents, t, embeds, cfg, uncond)
                 ref_mean = self.sampler.step(ref_prediction, step_index, latents, prev_sample=next_latents).mean
             kl = gaussian_kl(step.mean, ref_mean, step.std)
+            if self.hparams.kl_form == "flow_grpo":  # flow_grpo's form: the exact KL times the step's |dt|
+                sigmas = self.sampler.sigmas.to(kl.device)
+                kl = kl * (sigmas[step_index] - sigmas[step_index + 1])
         values = None
         if self.value_head is not None:
             values = self.value_head(features, self.sampler.timestep_fraction(step_index).to(self.device),

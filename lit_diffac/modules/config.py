@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from lit_diffac.errors import ConfigError
+from lit_diffac.losses import KL_FORMS
 
 
 def check_config(module: Any, reward_weights: Sequence[float] | None, critic_replay: Any) -> None:
@@ -28,6 +29,8 @@ def check_config(module: Any, reward_weights: Sequence[float] | None, critic_rep
     if hp.samples_per_prompt < 1 or hp.batch_size % hp.samples_per_prompt:
         problems.append(f"batch_size ({hp.batch_size}) must be a multiple of samples_per_prompt "
                         f"({hp.samples_per_prompt})")
+    if hp.kl_form not in KL_FORMS:
+        problems.append(f"kl_form must be one of {KL_FORMS} (got {hp.kl_form!r})")
     if hp.kl_coef < 0:
         problems.append(f"kl_coef must be >= 0 (got {hp.kl_coef})")
     if hp.kl_coef and not backbone.lora_rank:

@@ -5,9 +5,15 @@ AdaLN modulation of the query from the conditioning vector (zero-initialised gat
 the identity on its query), QK-normalised attention of the query over the tokens, and a feed-forward block.
 Branch outputs are concatenated and an MLP maps them to one value per reward.
 
-* DiT features are image tokens ``[B, N, C]`` and are read as they are (they carry positional embeddings).
+* DiT features are image tokens ``[B, N, C]`` and are read as they are (they carry positional embeddings);
+  with ``patch_size > 1`` they are first average-pooled ``patch_size × patch_size`` on their 2-D token grid
+  (:attr:`ValueHead.token_grid`, which the RL module sets from ``backbone.feature_grid``).
 * UNet features are maps ``[B, C, H, W]``: they are average-pooled into ``patch_size × patch_size`` patches,
   flattened into tokens, and given fixed 2-D sin-cos positions.
+
+The pooling (:meth:`ValueHead.compress`) has no parameters, so what the critic replay caches is its output: at
+SD3.5-M's shapes (3 taps of 1,024 tokens × 1,536 channels), ``patch_size=4`` stores 3 × 64 × 1,536 bf16 values,
+0.59 MB per (image, step) instead of 9.4 MB (``tests/test_critic_memory.py``).
 
 The conditioning vector is an MLP of the sinusoidal embedding of the diffusion time ``t/T`` (the paper's
 most important ingredient; ``timestep_conditioning=False`` for the ablation) plus, optionally, a
@@ -41,6 +47,15 @@ def sincos_2d(height: int, width: int, dim: int, device) -> torch.Tensor:
     parts = [f(axis.reshape(-1, 1) * freqs) for axis in (ys, xs) for f in (torch.sin, torch.cos)]
     pos = torch.cat(parts, dim=-1)
     return F.pad(pos, (0, dim - pos.shape[-1]))
+
+
+def pool_patches(maps: torch.Tensor, patch: int) -> torch.Tensor:
+    """Average ``maps [B, C, H, W]`` over ``patch × patch`` patches → ``[B, C, ⌈H/p⌉, ⌈W/p⌉]`` (a side that is not a
+    multiple of ``patch``, or smaller than it, is split into as many near-equal windows)."""
+    height, width = maps.shape[-2:]
+    if height % patch == 0 and width % patch == 0:
+        return F.avg_pool2d(maps, patch)
+    return F.adaptive_avg_pool2d(maps, (-(-height // patch), -(-width // patch)))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -137,7 +152,8 @@ class ValueHead(nn.Module):
         hidden: width of the output MLP.
         num_queries: learnable query tokens per branch (their outputs are concatenated).
         token_layers: self-attention layers over each tap's tokens before the query read-out (0: none).
-        patch_size: UNet maps are average-pooled by this factor before becoming tokens.
+        patch_size: features are average-pooled by this factor on their 2-D grid before the read (UNet maps;
+            DiT image tokens on :attr:`token_grid`): fewer tokens to read and to cache.
         timestep_conditioning: condition on the diffusion time (turn off only for the ablation).
         text_conditioning: add the pooled prompt embedding to the condition.
         detach_features: stop value gradients at the backbone features (default; DESIGN §5).
@@ -173,6 +189,9 @@ class ValueHead(nn.Module):
         self.text_conditioning = text_conditioning
         self.detach_features = detach_features
         self.dim = dim
+        #: ``(rows, columns)`` of the image tokens that DiT taps return (``backbone.feature_grid``); needed only to
+        #: pool tokens (``patch_size > 1``). The RL modules set it.
+        self.token_grid: tuple[int, int] | None = None
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.text_proj = nn.Linear(text_dim, dim)
         self.branches = nn.ModuleList(ValueBranch(c, dim, dim, num_heads, num_queries, token_layers) for c in feature_dims)
@@ -191,25 +210,48 @@ class ValueHead(nn.Module):
             cond = cond + self.text_proj(pooled.float())
         return cond
 
+    def compress(self, feature: torch.Tensor) -> torch.Tensor:
+        """The parameter-free part of reading a tap: ``patch_size`` average pooling (in fp32).
+
+        Maps ``[B, C, H, W]`` → ``[B, C, H/p, W/p]``; tokens ``[B, N, C]`` on a ``token_grid`` of ``(h, w)`` →
+        ``[B, (h/p)·(w/p), C]`` (row-major, as the grid); sides that are not multiples of ``p`` round up
+        (:func:`pool_patches`).  ``patch_size == 1``: the feature itself.  The critic
+        replay stores this, and :meth:`forward` with ``compressed=True`` reads it back.
+        """
+        if feature.ndim not in (3, 4):
+            raise ValueError(f"features must be tokens [B, N, C] or maps [B, C, H, W], got {tuple(feature.shape)}")
+        if self.patch_size == 1:
+            return feature
+        feature = feature.float()
+        if feature.ndim == 4:
+            return pool_patches(feature, self.patch_size)
+        batch, count, channels = feature.shape
+        grid = self.token_grid
+        if grid is None or grid[0] * grid[1] != count:
+            raise ValueError(f"pooling image tokens (patch_size={self.patch_size}) needs their grid: token_grid is "
+                             f"{grid}, the tap has {count} tokens (the RL modules set it from backbone.feature_grid)")
+        maps = feature.transpose(1, 2).reshape(batch, channels, *grid)
+        return pool_patches(maps, self.patch_size).flatten(2).transpose(1, 2)
+
     def tokens(self, feature: torch.Tensor) -> torch.Tensor:
-        """A tap's output → tokens ``[B, N, C]`` (maps are pooled into patches with 2-D positions)."""
+        """A compressed tap (:meth:`compress`) → fp32 tokens ``[B, N, C]`` (maps flattened, with 2-D positions)."""
         feature = feature.float()
         if feature.ndim == 3:
             return feature
-        if feature.ndim != 4:
-            raise ValueError(f"features must be tokens [B, N, C] or maps [B, C, H, W], got {tuple(feature.shape)}")
-        if self.patch_size > 1:
-            feature = F.avg_pool2d(feature, self.patch_size)
         b, c, h, w = feature.shape
         return feature.flatten(2).transpose(1, 2) + sincos_2d(h, w, c, feature.device)
 
-    def forward(self, features: Sequence[torch.Tensor], t_frac: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """``features`` (one per tap), ``t_frac [B]`` in (0, 1], ``pooled [B, text_dim]`` → ``[B, R]`` fp32."""
+    def forward(self, features: Sequence[torch.Tensor], t_frac: torch.Tensor, pooled: torch.Tensor,
+                compressed: bool = False) -> torch.Tensor:
+        """``features`` (one per tap), ``t_frac [B]`` in (0, 1], ``pooled [B, text_dim]`` → ``[B, R]`` fp32.
+
+        ``compressed``: the features are already :meth:`compress`'s output (the critic replay's cache).
+        """
         if len(features) != len(self.branches):
             raise ValueError(f"value head built for {len(self.branches)} taps, got {len(features)} features")
         cond = self.condition(t_frac, pooled)
         outs = []
         for branch, feature in zip(self.branches, features):
             feature = feature.detach() if self.detach_features else feature
-            outs.append(branch(self.tokens(feature), cond))
+            outs.append(branch(self.tokens(feature if compressed else self.compress(feature)), cond))
         return self.out(torch.cat(outs, dim=-1)).float()
