@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 DEFAULT_RECIPES = ["recipes/toy/actor_critic_dit.yaml", "recipes/toy/grpo_dit.yaml", "recipes/toy/ddpo_dit.yaml"]
-#: summary.json entries that measure time, not behaviour.
-TIMING_KEYS = {"wall_time_s"}
+#: summary.json entries that measure time or name a temporary folder, not behaviour.
+TIMING_KEYS = {"wall_time_s", "train_seconds", "eval_train_seconds", "checkpoint"}
 
 
 def tensor_hashes(obj, prefix: str = "") -> dict[str, str]:

@@ -29,8 +29,9 @@ the report lists the grid. ``KEY`` is a ``model.init_args`` key (``actor_lr``) o
 Each evaluation also records the run's training time so far (``train_seconds``: the module's per-iteration wall
 time summed, evaluations not counted), so the headline gives the same crossing in training time too:
 ``time_fraction`` = actor-critic seconds to reach GRPO's final accuracy / GRPO's seconds (< 1: ahead at equal
-wall-clock). Runs in parallel share the machine alike, so the times compare; as absolute figures they are
-those of ``--jobs`` runs at a time.
+wall-clock). Runs side by side share the machine, so their clocks compare only when nothing else runs;
+``--seconds-per-iteration METHOD=S …`` (with ``--report-from``) redoes the time curves from per-iteration times
+measured apart on a quiet machine.
 
 ``--time-limit`` stops runs still going (their curves end early and the comparison uses the budget all runs
 reached); ``--report-from CSV`` redoes the table, plot and headline of an earlier run without running anything.
@@ -437,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                         help="tuned protocol: every method's grid on --tune-seed, then the best on every seed")
     parser.add_argument("--tune-seed", type=int, default=None, help="the grid's seed (default: the first of --seeds)")
+    parser.add_argument("--seconds-per-iteration", nargs="+", default=[], metavar="METHOD=S",
+                        help="training time per iteration measured apart (on a quiet machine): the time curves use "
+                             "iteration x S instead of the runs' own clocks (which share the machine)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
@@ -490,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
             machine += f", {torch.cuda.get_device_name(0)}"
         machine += f", OMP_NUM_THREADS={args.threads}, {args.jobs} runs at a time)"
     rows = [r for r in rows if r.get("selected", 1)]  # the tuned protocol reports each method's chosen configuration
+    if args.seconds_per_iteration:
+        per_iteration = {m: float(s) for m, s in (item.split("=", 1) for item in args.seconds_per_iteration)}
+        rows = [{**r, "train_seconds": r["iteration"] * per_iteration[r["method"]]} if r["method"] in per_iteration
+                else r for r in rows]
+        machine += "; training time = iteration x " + ", ".join(f"{m} {s:g} s" for m, s in per_iteration.items())
     backbones = [b for b in args.backbones if any(r["backbone"] == b for r in rows)]
     plot(rows, backbones, args.methods, out_dir / f"{args.name}.png", args.task)
     text = report(rows, results, backbones, args.methods, cmd, machine, grid)

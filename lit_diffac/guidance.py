@@ -107,7 +107,7 @@ def steered_sample(
                     w = torch.ones(v.shape[-1], device=device) if value_weights is None \
                         else torch.tensor(list(value_weights), device=device, dtype=v.dtype)
                     grad, = torch.autograd.grad((v * w).sum(), x_in)
-                prediction = sampler.guide(prediction.detach(), grad, index, scale)
+                prediction = sampler.guide(prediction.detach(), grad, index, scale, sample=x)
             else:
                 with torch.no_grad():
                     prediction, features = denoise(backbone, x, t, embeds, cfg_scale, uncond)

@@ -148,3 +148,25 @@ def test_tuned_protocol_picks_each_method_s_best_on_one_seed_then_runs_it_on_eve
                     str(tmp_path / "t.csv"), "--out", str(tmp_path), "--name", "t"]) == 0
     assert json.loads((tmp_path / "t_report.json").read_text())["headline"] == result["headline"]
     assert "**actor_lr=1e-4**" in (tmp_path / "t.md").read_text()  # the grid table comes back from the JSON
+
+
+def test_time_curves_from_separately_measured_seconds_per_iteration(tmp_path):
+    import csv
+
+    import benchmarks.sample_efficiency as se
+
+    rows = _timed("actor_critic", [(0, 0.4, 0), (320, 0.5, 7), (640, 0.7, 9)]) + \
+        _timed("grpo", [(0, 0.4, 0), (320, 0.45, 3), (640, 0.5, 5)])
+    for r in rows:
+        r["iteration"] = r["samples"] // 32
+    path = tmp_path / "t.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert se.main(["--backbones", "dit", "--methods", "actor_critic", "grpo", "--report-from", str(path), "--out",
+                    str(tmp_path), "--name", "t", "--seconds-per-iteration", "actor_critic=2", "grpo=1"]) == 0
+    h = json.loads((tmp_path / "t_report.json").read_text())["headline"][0]
+    assert h["fraction"] == pytest.approx(0.5)  # 320 of 640 samples
+    assert h["grpo_train_seconds"] == pytest.approx(20.0) and h["actor_critic_train_seconds"] == pytest.approx(20.0)
+    assert h["time_fraction"] == pytest.approx(1.0)  # half the samples at twice the cost per iteration

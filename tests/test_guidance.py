@@ -37,14 +37,15 @@ def test_steering_changes_samples_and_costs_backward_passes(backbone):
     assert b.compute == len(PROMPTS) * (sampler.num_steps + 2 * 3)
 
 
-@pytest.mark.parametrize("k", [2, 7])
-def test_steering_direction_raises_the_value(backbone, k):
-    """The steered step moves x along +∇V: V(x + δ) > V(x) for the step's displacement δ (first order).
-
-    (DDIM with clip_sample=True is excluded: clipping x̂0 reverses the ε-guidance on clipped pixels; the
-    sampler warns about it.)"""
+@pytest.mark.parametrize("clip", [True, False], ids=["clip_sample", "no_clip"])
+@pytest.mark.parametrize("k", [0, 2, 7])
+def test_steering_direction_raises_the_value(backbone, k, clip):
+    """The steered step moves x along +∇V: V(x + δ) > V(x) for the step's displacement δ (first order), and every
+    element moves along ∇V or not at all — also where DDIM clips x̂0 (the toy UNet's scheduler clips)."""
     if backbone.sampler_family == "ddim":
-        backbone.scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config, clip_sample=False)
+        backbone.scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config, clip_sample=clip)
+    elif not clip:
+        pytest.skip("flow samplers do not clip")
     sampler, head = default_sampler(backbone), _critic(backbone)
     head.detach_features = False
     embeds = backbone.encode_prompts(PROMPTS)
@@ -61,9 +62,18 @@ def test_steering_direction_raises_the_value(backbone, k):
     grad, = torch.autograd.grad(v.sum(), x_in)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     plain = sampler.step(prediction.detach(), index, x, noise=noise).prev_sample
-    guided = sampler.step(sampler.guide(prediction.detach(), grad, index, 1e-2), index, x, noise=noise).prev_sample
+    guided = sampler.step(sampler.guide(prediction.detach(), grad, index, 1e-2, sample=x), index, x,
+                          noise=noise).prev_sample
     delta = guided - plain
     assert (delta * grad).flatten(1).sum(1).min() > 0
+
+    def against(d):  # elements moved against the gradient, by more than float32 rounding of x_{t-1}
+        return ((d * grad < 0) & (d.abs() > 8 * torch.finfo(torch.float32).eps * (1 + plain.abs()))).sum().item()
+
+    assert against(delta) == 0  # element by element: nothing is pushed against the gradient
+    if backbone.sampler_family == "ddim" and clip and k == 0:  # the first step clips most of x̂0: the mask matters
+        unmasked = sampler.step(sampler.guide(prediction.detach(), grad, index, 1e-2), index, x, noise=noise)
+        assert against(unmasked.prev_sample - plain) > 0  # what the ε-shift alone did (issue 16)
     with torch.no_grad():
         step = 1e-3 / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         assert (value(x + step * delta)[0] > value(x)[0]).all()

@@ -277,9 +277,11 @@ class Sampler(abc.ABC):
         value_grad: torch.Tensor,
         step_index: int | torch.Tensor,
         scale: float | torch.Tensor,
+        sample: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Test-time critic steering (DESIGN §6): shift ``model_output`` along ``g = ∇_x V(x_t, t, c)``.
 
+        ``sample`` is the step's ``x_t`` (samplers that clip x̂0 need it to keep the step along ``g``).
         Returns ``model_output`` itself when ``scale == 0``; otherwise a float32 tensor.
         """
 

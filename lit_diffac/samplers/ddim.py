@@ -252,11 +252,18 @@ class DDIMSampler(Sampler):
         value_grad: torch.Tensor,
         step_index: int | torch.Tensor,
         scale: float | torch.Tensor,
+        sample: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Critic steering for ε-models: ``ε̂' = ε̂ − scale · √(1−ᾱ_t) · ∇_x V`` (classifier-guidance form).
 
-        Lowering ε̂ along ``g`` raises x̂0 along ``g``, i.e. moves the chain toward higher value.  Only
-        ``prediction_type="epsilon"`` is supported.  ``scale`` is a float or a ``[B]`` tensor.
+        Lowering ε̂ along ``g`` raises x̂0 along ``g`` by ``scale·(1−ᾱ_t)/√ᾱ_t · g`` and lowers the direction term
+        by ``√(1−ᾱ_{t−1}−σ²)·scale·√(1−ᾱ_t)·g``; the first wins at every step, so the step moves toward higher value.
+
+        With ``clip_sample`` the step clips x̂0, and on a clipped element only the direction term moves: the step
+        would go *against* ``g`` there.  Given the step's ``sample`` x_t, the shift is therefore applied only where
+        x̂0 lies inside the clip range both before and after it, so every element moves along ``g`` or not at all
+        (without ``sample`` it is applied everywhere, with a warning).  Only ``prediction_type="epsilon"`` is
+        supported.  ``scale`` is a float or a ``[B]`` tensor.
         """
         if isinstance(scale, (int, float)) and scale == 0:
             return model_output
@@ -264,12 +271,20 @@ class DDIMSampler(Sampler):
             raise NotImplementedError(
                 f"guide() supports prediction_type='epsilon' only, not {self.prediction_type!r}"
             )
-        if self.clip_sample and not self._warned_clip:
-            warnings.warn("critic steering with clip_sample=True: where x̂0 is clipped the ε-shift only moves the "
-                          "direction term, which pushes the step AGAINST the value gradient; use a scheduler with "
-                          "clip_sample=False (SD1.5's setting) for steering", stacklevel=2)
+        if self.clip_sample and sample is None and not self._warned_clip:
+            warnings.warn("critic steering with clip_sample=True and no sample: where x̂0 is clipped the ε-shift "
+                          "only moves the direction term, which pushes the step AGAINST the value gradient; pass "
+                          "the step's sample (guide(..., sample=x_t)) so those elements are left unsteered",
+                          stacklevel=2)
             self._warned_clip = True
         batch_size, device = model_output.shape[0], model_output.device
         index = self._step_index(step_index, batch_size, device)
-        coef = per_sample(scale, batch_size, device) * (1.0 - self._table("alpha_t", device)[index]).sqrt()
-        return model_output.float() - expand_like(coef, model_output) * value_grad.float()
+        alpha = self._table("alpha_t", device)[index]
+        coef = per_sample(scale, batch_size, device) * (1.0 - alpha).sqrt()
+        guided = model_output.float() - expand_like(coef, model_output) * value_grad.float()
+        if not self.clip_sample or sample is None:
+            return guided
+        alpha, x = expand_like(alpha, sample), sample.float()
+        limit = self.clip_sample_range
+        inside = [((x - (1.0 - alpha).sqrt() * eps) / alpha.sqrt()).abs() <= limit for eps in (model_output.float(), guided)]
+        return torch.where(inside[0] & inside[1], guided, model_output.float())

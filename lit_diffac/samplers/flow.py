@@ -185,11 +185,12 @@ class FlowSDESampler(Sampler):
         value_grad: torch.Tensor,
         step_index: int | torch.Tensor,
         scale: float | torch.Tensor,
+        sample: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Critic steering for velocity models: ``v̂' = v̂ − scale · ∇_x V``.
 
         Since ``dt < 0`` the Euler update ``x + v̂' dt`` gains ``+scale·|dt|·∇_x V``: toward higher value.
-        ``scale`` is a float or a ``[B]`` tensor; ``step_index`` is accepted for interface symmetry.
+        ``scale`` is a float or a ``[B]`` tensor; ``step_index`` and ``sample`` are accepted for interface symmetry.
         """
         if isinstance(scale, (int, float)) and scale == 0:
             return model_output
