@@ -30,8 +30,9 @@ Each evaluation also records the run's training time so far (``train_seconds``: 
 time summed, evaluations not counted), so the headline gives the same crossing in training time too:
 ``time_fraction`` = actor-critic seconds to reach GRPO's final accuracy / GRPO's seconds (< 1: ahead at equal
 wall-clock). Runs side by side share the machine, so their clocks compare only when nothing else runs;
-``--seconds-per-iteration METHOD=S …`` (with ``--report-from``) redoes the time curves from per-iteration times
-measured apart on a quiet machine.
+``--time-iterations N`` times N iterations of each method's chosen configuration afterwards, one run at a time,
+and uses those per-iteration times instead (with ``--report-from``: without rerunning the comparison);
+``--seconds-per-iteration METHOD=S …`` gives such times directly.
 
 ``--time-limit`` stops runs still going (their curves end early and the comparison uses the budget all runs
 reached); ``--report-from CSV`` redoes the table, plot and headline of an earlier run without running anything.
@@ -74,13 +75,16 @@ class Task:
     name: str
     #: extra accuracies recorded per evaluation: CSV column → metric key
     extra: tuple[tuple[str, str], ...] = ()
+    #: the one held-out prompt of ``--time-iterations`` runs
+    timing_prompt: str = "the digit 3"
 
 
 TASKS = {
     "digits": Task(RECIPES, ACCURACY, REWARD, 25, "sample_efficiency"),
     "pairs": Task(RECIPES.parent / "toy_pairs", "eval/pair_alignment_accuracy", "eval/pair_alignment", 10,
                   "sample_efficiency_pairs", (("accuracy_seen", "eval/pair_alignment_accuracy_seen"),
-                                              ("accuracy_unseen", "eval/pair_alignment_accuracy_unseen"))),
+                                              ("accuracy_unseen", "eval/pair_alignment_accuracy_unseen")),
+                  "3 and 7"),
 }
 
 
@@ -277,6 +281,26 @@ def headline(rows: list[dict], backbone: str) -> dict:
             "time_fraction": None if ac_seconds is None or not grpo_seconds else ac_seconds / grpo_seconds}
 
 
+def time_methods(rows: list[dict], args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
+    """Training seconds per iteration of each method (first backbone of ``rows``, its configuration there), each
+    run alone for ``args.time_iterations`` iterations with a one-prompt evaluation: ``train_seconds / iterations``
+    of its ``summary.json``."""
+    backbone = rows[0]["backbone"]
+    per_iteration = {}
+    for method in args.methods:
+        config = next((r.get("config", "") for r in rows if r["backbone"] == backbone and r["method"] == method), "")
+        timing = argparse.Namespace(**{**vars(args), "iterations": args.time_iterations, "jobs": 1, "time_limit": 0,
+                                       "eval_every": 10 ** 6, "eval_samples": 1,
+                                       "overrides": [*args.overrides, "--model.init_args.evaluation.init_args."
+                                                     f"prompts=[{TASKS[args.task].timing_prompt}]"]})
+        result = run_all([(backbone, method, 0, config)], timing, out_dir / "timing")[(backbone, method, 0, config)]
+        if not result["summary"]:
+            raise RuntimeError(f"the timing run of {method} wrote no summary")
+        per_iteration[method] = result["summary"]["train_seconds"] / result["summary"]["iterations"]
+        print(f"{method} on {backbone}: {per_iteration[method]:.3f} s per training iteration", flush=True)
+    return per_iteration
+
+
 def select(rows: list[dict], backbone: str, method: str, configs: list[str]) -> tuple[str, list[dict]]:
     """The tuned protocol's choice: of one seed's grid runs of (backbone, method), the configuration with the best
     accuracy at the budget all of them reached (ties: the best mean accuracy over the curve).
@@ -438,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                         help="tuned protocol: every method's grid on --tune-seed, then the best on every seed")
     parser.add_argument("--tune-seed", type=int, default=None, help="the grid's seed (default: the first of --seeds)")
+    parser.add_argument("--time-iterations", type=int, default=0, metavar="N",
+                        help="then time N iterations of each method's (chosen) configuration, one run at a time, "
+                             "and use those per-iteration times for the time curves (0: the runs' own clocks)")
     parser.add_argument("--seconds-per-iteration", nargs="+", default=[], metavar="METHOD=S",
                         help="training time per iteration measured apart (on a quiet machine): the time curves use "
                              "iteration x S instead of the runs' own clocks (which share the machine)")
@@ -494,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             machine += f", {torch.cuda.get_device_name(0)}"
         machine += f", OMP_NUM_THREADS={args.threads}, {args.jobs} runs at a time)"
     rows = [r for r in rows if r.get("selected", 1)]  # the tuned protocol reports each method's chosen configuration
+    if args.time_iterations:
+        args.seconds_per_iteration = [f"{m}={s}" for m, s in time_methods(rows, args, out_dir).items()]
     if args.seconds_per_iteration:
         per_iteration = {m: float(s) for m, s in (item.split("=", 1) for item in args.seconds_per_iteration)}
         rows = [{**r, "train_seconds": r["iteration"] * per_iteration[r["method"]]} if r["method"] in per_iteration

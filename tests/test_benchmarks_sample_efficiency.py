@@ -170,3 +170,26 @@ def test_time_curves_from_separately_measured_seconds_per_iteration(tmp_path):
     assert h["fraction"] == pytest.approx(0.5)  # 320 of 640 samples
     assert h["grpo_train_seconds"] == pytest.approx(20.0) and h["actor_critic_train_seconds"] == pytest.approx(20.0)
     assert h["time_fraction"] == pytest.approx(1.0)  # half the samples at twice the cost per iteration
+
+
+def test_time_iterations_times_each_chosen_configuration_alone(tmp_path, monkeypatch):
+    import argparse
+
+    import benchmarks.sample_efficiency as se
+
+    seen = []
+
+    def fake_run_all(jobs, args, out_dir, start=None):
+        seen.append((jobs, args.iterations, args.jobs, args.overrides[-1]))
+        (backbone, method, seed, config), = jobs
+        return {jobs[0]: {"summary": {"train_seconds": 30.0 if method == "actor_critic" else 10.0, "iterations": 10},
+                          "evals": [], "wall_s": 0.0, "complete": True}}
+
+    monkeypatch.setattr(se, "run_all", fake_run_all)
+    rows = [dict(r, config="actor_lr=1e-4" if r["method"] == "actor_critic" else "actor_lr=2e-4")
+            for r in _rows("actor_critic", [(0, 0.4)]) + _rows("grpo", [(0, 0.4)])]
+    args = argparse.Namespace(task="pairs", methods=["actor_critic", "grpo"], time_iterations=10, jobs=2,
+                              iterations=150, time_limit=5.0, eval_every=25, eval_samples=10, overrides=["--x=1"])
+    assert se.time_methods(rows, args, tmp_path) == {"actor_critic": 3.0, "grpo": 1.0}
+    assert [s[0] for s in seen] == [[("dit", "actor_critic", 0, "actor_lr=1e-4")], [("dit", "grpo", 0, "actor_lr=2e-4")]]
+    assert all(s[1:] == (10, 1, "--model.init_args.evaluation.init_args.prompts=[3 and 7]") for s in seen)
