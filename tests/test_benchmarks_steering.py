@@ -1,0 +1,45 @@
+"""The steering benchmark's bookkeeping: equal compute for best-of-N, both judges, the steering.json keys."""
+
+import argparse
+import json
+
+import pytest
+
+
+def test_best_of_n_matches_the_steered_compute_and_both_judges_score_every_variant(tmp_path, monkeypatch):
+    import benchmarks.independent_judge as judge
+    import benchmarks.steering as steering
+
+    calls = []
+
+    def fake_sample(run, out, args, extra):
+        calls.append(extra)
+        steered = "--scale" in extra and extra[extra.index("--scale") + 1] != "0"
+        best = int(extra[extra.index("--best-of") + 1]) if "--best-of" in extra else 1
+        accuracy = 0.9 if steered else (0.8 if best > 1 else 0.7)
+        return {"compute_forward_equivalents": 4 * (30 if steered else 10 * best), "images": [{}] * 4,
+                "mean": {"digit_alignment_accuracy": accuracy}}
+
+    monkeypatch.setattr(steering, "sample", fake_sample)
+    monkeypatch.setattr(judge, "judge_folder", lambda svm, folder: {"svm_accuracy": 0.5 + 0.01 * len(str(folder))})
+    args = argparse.Namespace(scale=4.0, sweep_scales=[16.0], sweep_steps=["last:5"], seed=4242)
+    result = steering.measure("dit", tmp_path / "run", args, tmp_path / "out", svm=None)
+    assert result["best_of_n"] == 3  # 30 forward-equivalents per steered sample / 10 per plain one
+    assert ["--best-of", "3", "--rank-by", "value"] in calls and ["--best-of", "3", "--rank-by", "digit_alignment"] in calls
+    assert result["compute_per_sample"] == {"plain": 10, "steered": 30, "best_of_n_value": 30, "best_of_n_reward": 30}
+    assert (result["plain_accuracy"], result["steered_accuracy"], result["best_of_n_value_accuracy"]) == (0.7, 0.9, 0.8)
+    assert set(result["independent_judge"]) == {"plain_accuracy", "steered_accuracy", "best_of_n_value_accuracy",
+                                                "best_of_n_reward_accuracy"}
+    assert [s["variant"] for s in result["sweep"]] == ["steer scale 16 all", "steer scale 4 last:5"]
+    assert result["seeds"] == [4242]
+    text = steering.table({"dit": result})
+    assert "| dit | best-of-3 by the critic's value | 30 | 0.800 |" in text
+    json.dumps(result)  # the JSON is plain data
+
+
+def test_a_run_folder_without_a_checkpoint_is_refused(tmp_path, capsys):
+    import benchmarks.steering as steering
+
+    with pytest.raises(SystemExit):
+        steering.main(["--run", f"dit={tmp_path}"])
+    assert "checkpoints/last.ckpt" in capsys.readouterr().err
