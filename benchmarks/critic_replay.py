@@ -25,6 +25,7 @@ Results: ``benchmarks/results/NAME.{json,md}`` (default ``critic_replay``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -120,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
                    torch.Generator().manual_seed(args.seed))
     print(f"collected {len(data['reward'])} trajectories in {time.time() - start:.0f} s", flush=True)
     dims = [f.shape[-1] if f.ndim == 4 else f.shape[2] for f in data["feats"]]
+    if args.patch_sizes and module.value_head.patch_size != 1:  # its rollouts' features would be pooled already
+        parser.error(f"--patch-sizes needs a recipe whose head reads unpooled taps (patch_size 1), got "
+                     f"{module.value_head.patch_size}")
     patches = args.patch_sizes or [module.value_head.patch_size]
     variants = VARIANTS if args.variants == "all" else dict(list(VARIANTS.items())[-1:])
     every = max(1, args.iterations // 6)
     result: dict = {"ev": {}}
-    for (name, (passes, replay_size, minibatch)), patch in ((v, p) for p in patches for v in variants.items()):
+    for patch, (name, (passes, replay_size, minibatch)) in itertools.product(patches, variants.items()):
         torch.manual_seed(args.seed)
         head = ValueHead(dims, data["pooled"].shape[-1], dim=module.value_head.dim, patch_size=patch)
         head.token_grid = module.backbone.feature_grid

@@ -131,8 +131,8 @@ MUTANTS: list[Mutant] = [
         _t("test_module_kl_is_the_gaussian_kl_of_policy_and_reference_steps"),
         "the reference is the policy itself (adapter left on): KL always 0"),
     Mutant("kl_std_sqrt", AC,
-        "kl = gaussian_kl(step.mean, ref_mean, step.std)",
-        "kl = gaussian_kl(step.mean, ref_mean, step.std.sqrt())",
+        "kl = reference_kl(step.mean, ref_mean, step.std, self.hparams.kl_form, dt=dt)",
+        "kl = reference_kl(step.mean, ref_mean, step.std.sqrt(), self.hparams.kl_form, dt=dt)",
         _t("test_module_kl_is_the_gaussian_kl_of_policy_and_reference_steps"),
         "the module passes √σ as the step's std"),
     Mutant("rollout_value_time_next_step", "lit_diffac/rollout.py",
@@ -189,11 +189,10 @@ MUTANTS: list[Mutant] = [
         _t("test_group_relative_clips_advantages_and_ranks_within_groups"),
         "GroupRelative (GRPO) advantage clip dropped"),
     Mutant("ddpo_advantage_clip_dropped", EST,
-        "per_reward.to(rewards.device)[:, None].expand(-1, values.shape[1], -1)\n"
-        "        combined = clip_advantages((per_reward * weights.to(per_reward)).sum(-1), "
-        "self.advantage_clip)",
-        "per_reward.to(rewards.device)[:, None].expand(-1, values.shape[1], -1)\n"
-        "        combined = (per_reward * weights.to(per_reward)).sum(-1)",
+        "per_reward = advantage[:, None, None].expand(-1, values.shape[1], 1)\n"
+        "        combined = clip_advantages(per_reward[..., 0], self.advantage_clip)",
+        "per_reward = advantage[:, None, None].expand(-1, values.shape[1], 1)\n"
+        "        combined = per_reward[..., 0]",
         _t("test_per_prompt_stats_clips_advantages"),
         "PerPromptStats (DDPO) advantage clip dropped"),
     Mutant("grpo_advantage_sign", EST,
@@ -238,12 +237,12 @@ MUTANTS: list[Mutant] = [
         _t("test_steering_raises_the_value_of_the_next_state"),
         "steered_sample differentiates −V"),
     Mutant("ddim_guide_sign", "lit_diffac/samplers/ddim.py",
-        "guided = model_output.float() - expand_like(coef, model_output) * value_grad.float()",
-        "guided = model_output.float() + expand_like(coef, model_output) * value_grad.float()",
+        "guided = eps - expand_like(coef, model_output) * value_grad.float()",
+        "guided = eps + expand_like(coef, model_output) * value_grad.float()",
         _t("test_steering_raises_the_value_of_the_next_state[unet]"),
         "DDIMSampler.guide shifts ε̂ the wrong way"),
     Mutant("ddim_guide_clip_mask", "lit_diffac/samplers/ddim.py",
-        "return torch.where(inside[0] & inside[1], guided, model_output.float())",
+        "return torch.where(x0_inside(eps) & x0_inside(guided), guided, eps)",
         "return guided",
         _t("tests/test_guidance.py::test_steering_direction_raises_the_value[unet-0-clip_sample]"),
         "DDIMSampler.guide shifts ε̂ on clipped elements too (the step goes against ∇V there)"),

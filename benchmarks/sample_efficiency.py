@@ -412,9 +412,9 @@ def report(rows: list[dict], results: dict, backbones: list[str], methods: list[
                   "every seed.", "", "| backbone | method | configuration | budget | accuracy at budget | "
                   "mean over the curve |", "|---|---|---|---|---|---|"]
         for (backbone, method), table in grid.items():
-            best = max(table, key=lambda row: (row["accuracy"], row["curve_mean"]))
+            ran = {r.get("config", "") for r in rows if r["backbone"] == backbone and r["method"] == method}
             for row in table:
-                label = f"**{row['config']}**" if row is best else row["config"]
+                label = f"**{row['config']}**" if row["config"] in ran else row["config"]
                 lines.append(f"| {backbone} | {METHODS[method]} | {label} | {row['budget']} | {row['accuracy']:.3f} | "
                              f"{row['curve_mean']:.3f} |")
     return "\n".join(lines) + "\n"
@@ -496,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(configs) > 1:  # the tuned protocol: every method's grid on one seed, then its best on the others
             results = run_all([(b, m, tune_seed, c) for b, m in pairs for c in configs], args, out_dir, start)
             tuning = [row for (b, m, s, c), r in results.items() for row in curve_rows(b, m, s, r, args.task, c)]
-            grid = {(b, m): select(tuning, b, m, configs)[1] for b, m in pairs}
-            chosen = {(b, m): select(tuning, b, m, configs)[0] for b, m in pairs}
+            picks = {(b, m): select(tuning, b, m, configs) for b, m in pairs}
+            chosen = {pair: config for pair, (config, _) in picks.items()}
+            grid = {pair: table for pair, (_, table) in picks.items()}
             results.update(run_all([(b, m, s, chosen[b, m]) for b, m in pairs for s in args.seeds if s != tune_seed],
                                    args, out_dir, start))
             protocol = {"grid": args.grid, "tune_seed": tune_seed, "configs": configs,

@@ -60,17 +60,18 @@ def measure(backbone: str, run: Path, args: argparse.Namespace, out_dir: Path, s
         reports[name] = sample(run, folders[name], args, extra)
         print(f"{backbone} {name}: {json.dumps(reports[name]['mean'])}", flush=True)
 
+    def per_sample(name: str) -> float:  # backbone forward-equivalents per sample
+        return reports[name]["compute_forward_equivalents"] / len(reports[name]["images"])
+
     variant("plain", ["--scale", "0"])
     variant("steered", ["--scale", str(args.scale), "--steps", "all"])
-    per_sample = {name: r["compute_forward_equivalents"] / len(r["images"]) for name, r in reports.items()}
-    n = max(2, round(per_sample["steered"] / per_sample["plain"]))
+    n = max(2, round(per_sample("steered") / per_sample("plain")))
     variant("best_of_n_value", ["--best-of", str(n), "--rank-by", "value"])
     variant("best_of_n_reward", ["--best-of", str(n), "--rank-by", "digit_alignment"])
     for scale in args.sweep_scales:
         variant(f"steer scale {scale:g} all", ["--scale", str(scale), "--steps", "all"])
     for window in args.sweep_steps:
         variant(f"steer scale {args.scale:g} {window}", ["--scale", str(args.scale), "--steps", window])
-    per_sample = {name: r["compute_forward_equivalents"] / len(r["images"]) for name, r in reports.items()}
     project = {name: r["mean"]["digit_alignment_accuracy"] for name, r in reports.items()}
     independent = {name: judge_folder(svm, folder)["svm_accuracy"] for name, folder in folders.items()}
     main = ("plain", "steered", "best_of_n_value", "best_of_n_reward")
@@ -79,9 +80,9 @@ def measure(backbone: str, run: Path, args: argparse.Namespace, out_dir: Path, s
         "samples": len(reports["plain"]["images"]),
         **{f"{name}_accuracy": project[name] for name in main},
         "independent_judge": {f"{name}_accuracy": independent[name] for name in main},
-        "compute_per_sample": {name: per_sample[name] for name in main},
+        "compute_per_sample": {name: per_sample(name) for name in main},
         "sweep": [{"variant": name, "accuracy": project[name], "independent_accuracy": independent[name],
-                   "compute_per_sample": per_sample[name]} for name in reports if name not in main],
+                   "compute_per_sample": per_sample(name)} for name in reports if name not in main],
     }
 
 

@@ -317,9 +317,8 @@ class PerPromptStats(AdvantageEstimator):
             self.tracker.load_state_dict(trackers[0])
 
     def __call__(self, rewards, values, prompts, weights, gather=None) -> Advantages:
-        # DDPO: one scalar reward per sample; its weights are spent, so the one column has weight 1
-        rewards, weights = (rewards * weights.to(rewards)).sum(-1, keepdim=True), weights.new_ones(1)
-        per_reward = self.tracker.update(prompts, rewards[:, 0], gather=gather)[:, None]
-        per_reward = per_reward.to(rewards.device)[:, None].expand(-1, values.shape[1], -1)
-        combined = clip_advantages((per_reward * weights.to(per_reward)).sum(-1), self.advantage_clip)
+        reward = (rewards * weights.to(rewards)).sum(-1)  # DDPO: one scalar reward per sample
+        advantage = self.tracker.update(prompts, reward, gather=gather).to(rewards.device)  # [B]
+        per_reward = advantage[:, None, None].expand(-1, values.shape[1], 1)
+        combined = clip_advantages(per_reward[..., 0], self.advantage_clip)
         return Advantages(advantages=combined, targets=None, per_reward=per_reward)

@@ -91,12 +91,21 @@ def score_images(images: torch.Tensor, prompts: Sequence[str], rewards: Sequence
     out = {}
     for reward in rewards:
         out[f"{prefix}{reward.name}"] = reward(images, prompts).mean().item()
-        if hasattr(reward, "accuracy"):
-            out[f"{prefix}{reward.name}_accuracy"] = reward.accuracy(images, prompts).mean().item()
-        if hasattr(reward, "accuracy_by_group"):
-            for group, values in reward.accuracy_by_group(images, prompts).items():
-                if values.numel():
-                    out[f"{prefix}{reward.name}_accuracy_{group}"] = values.float().mean().item()
+        for key, values in accuracies(reward, images, prompts).items():
+            out[prefix + key] = values.float().mean().item()
+    return out
+
+
+def accuracies(reward, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """A reward's per-sample accuracies by name: ``{name + "_accuracy": [N]}`` when it has an ``accuracy(images,
+    prompts)`` method, and ``{name + "_accuracy_" + group: [n_group]}`` for each non-empty group of its
+    ``accuracy_by_group`` (e.g. the two-digit task's seen and unseen pairs); ``{}`` for a reward with neither."""
+    out = {}
+    if hasattr(reward, "accuracy"):
+        out[f"{reward.name}_accuracy"] = reward.accuracy(images, prompts)
+    if hasattr(reward, "accuracy_by_group"):
+        out.update({f"{reward.name}_accuracy_{group}": values
+                    for group, values in reward.accuracy_by_group(images, prompts).items() if values.numel()})
     return out
 
 

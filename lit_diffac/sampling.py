@@ -106,6 +106,7 @@ def sample_main(argv: list[str]) -> int:
     from tqdm.auto import tqdm
 
     from lit_diffac.data.prompts import load_prompts
+    from lit_diffac.evaluation import accuracies
     from lit_diffac.guidance import best_of_n, steered_sample
 
     prompts = load_prompts(args.prompts)
@@ -139,11 +140,7 @@ def sample_main(argv: list[str]) -> int:
     names = [f"{i:05d}.png" for i in range(len(prompts))]
     save_images(images, out_dir, names)
     scores = {name: reward(images, prompts).tolist() for name, reward in rewards.items()}
-    accuracy = {f"{name}_accuracy": r.accuracy(images, prompts).tolist() for name, r in rewards.items()
-                if hasattr(r, "accuracy")}
-    accuracy.update({f"{name}_accuracy_{group}": v.tolist() for name, r in rewards.items()  # e.g. seen / unseen pairs
-                     if hasattr(r, "accuracy_by_group") for group, v in r.accuracy_by_group(images, prompts).items()
-                     if v.numel()})
+    accuracy = {key: v.tolist() for r in rewards.values() for key, v in accuracies(r, images, prompts).items()}
     report = {
         "settings": {k: v for k, v in vars(args).items()}, "overrides": overrides,
         "compute_forward_equivalents": compute,

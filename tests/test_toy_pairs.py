@@ -228,6 +228,22 @@ def test_shipped_pair_models_load_generate_and_start_in_the_band(family):
 # ---------------------------------------------------------------------------------------------- recipes
 
 
+def test_sample_reports_seen_and_unseen_accuracy(tmp_path, capsys):
+    """``lit-diffac sample`` scores pair canvases like the held-out evaluation: overall, seen and unseen accuracy."""
+    from lit_diffac.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("3 and 4\n0 and 3\n")  # a seen and an unseen pair
+    assert main(["sample", "--config", str(RECIPES / "actor_critic_dit.yaml"), "--prompts", str(prompts),
+                 "--samples-per-prompt", "2", "--out", str(tmp_path / "out"), "--trainer.logger=false"]) == 0
+    report = json.loads((tmp_path / "out" / "rewards.json").read_text())
+    accuracy = {k: v for k, v in report["mean"].items() if "accuracy" in k}
+    assert set(accuracy) == {"pair_alignment_accuracy", "pair_alignment_accuracy_seen",
+                             "pair_alignment_accuracy_unseen"}
+    assert accuracy["pair_alignment_accuracy"] == pytest.approx(
+        (accuracy["pair_alignment_accuracy_seen"] + accuracy["pair_alignment_accuracy_unseen"]) / 2)
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
 def test_pair_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
     from test_metrics_docs import logged_keys, undocumented

@@ -38,7 +38,7 @@ from lit_diffac.faults import (GracefulStop, NonFiniteGuard, NonFiniteUpdate, Tr
                                drop_nonfinite_samples, nonfinite_inputs)
 from lit_diffac.frozen_weights import FROZEN_KEY, restore_frozen, strip_frozen
 from lit_diffac.history import IterationTimer, RunHistory, RunReport
-from lit_diffac.losses import gaussian_kl
+from lit_diffac.losses import reference_kl
 from lit_diffac.modules.config import check_config
 from lit_diffac.normalization import RewardNormalizer
 from lit_diffac.ppo import (apply_learning_rates, build_optimizer, clip_and_step, clip_gradients, minibatch_loss,
@@ -72,7 +72,7 @@ class LatentActorCritic(L.LightningModule):
         timestep_fraction: fraction of each trajectory's steps trained on (a random subset per sample).
         clip_range: PPO ratio clip ε (per-dimension-mean log-probs make it tiny: paper 1e-5 SD1.5, 1e-4 SD3.5).
         value_clip_range: clip of ``V`` around ``V_old`` in the value loss (``None``: unclipped).
-        kl_coef: weight β of the per-step KL to the reference policy (:func:`~lit_diffac.losses.gaussian_kl`);
+        kl_coef: weight β of the per-step KL to the reference policy (:func:`~lit_diffac.losses.reference_kl`);
             the reference is the base model, computed by disabling the LoRA adapter, so it needs a LoRA policy.
         kl_form: ``"exact"`` (the Gaussian KL of the two steps) or ``"flow_grpo"`` (flow_grpo's form, the exact KL
             times the step's ``|dt|``: a flow SDE sampler; :func:`~lit_diffac.losses.flow_grpo_kl`,
@@ -326,10 +326,11 @@ class LatentActorCritic(L.LightningModule):
             with torch.no_grad(), self.backbone.reference_policy():
                 ref_prediction, _ = denoise(self.backbone, latents, t, embeds, cfg, uncond)
                 ref_mean = self.sampler.step(ref_prediction, step_index, latents, prev_sample=next_latents).mean
-            kl = gaussian_kl(step.mean, ref_mean, step.std)
-            if self.hparams.kl_form == "flow_grpo":  # flow_grpo's form: the exact KL times the step's |dt|
-                sigmas = self.sampler.sigmas.to(kl.device)
-                kl = kl * (sigmas[step_index] - sigmas[step_index + 1])
+            dt = None
+            if self.hparams.kl_form == "flow_grpo":  # the flow SDE's steps, dt = σ_{k+1} − σ_k
+                sigmas = self.sampler.sigmas.to(step.std.device)
+                dt = sigmas[step_index + 1] - sigmas[step_index]
+            kl = reference_kl(step.mean, ref_mean, step.std, self.hparams.kl_form, dt=dt)
         values = None
         if self.value_head is not None:
             values = self.value_head(features, self.sampler.timestep_fraction(step_index).to(self.device),

@@ -281,10 +281,13 @@ class DDIMSampler(Sampler):
         index = self._step_index(step_index, batch_size, device)
         alpha = self._table("alpha_t", device)[index]
         coef = per_sample(scale, batch_size, device) * (1.0 - alpha).sqrt()
-        guided = model_output.float() - expand_like(coef, model_output) * value_grad.float()
+        eps = model_output.float()
+        guided = eps - expand_like(coef, model_output) * value_grad.float()
         if not self.clip_sample or sample is None:
             return guided
-        alpha, x = expand_like(alpha, sample), sample.float()
-        limit = self.clip_sample_range
-        inside = [((x - (1.0 - alpha).sqrt() * eps) / alpha.sqrt()).abs() <= limit for eps in (model_output.float(), guided)]
-        return torch.where(inside[0] & inside[1], guided, model_output.float())
+        a_t = expand_like(alpha, sample)
+
+        def x0_inside(e: torch.Tensor) -> torch.Tensor:  # x̂0 of the step's own formula, before its clipping
+            return ((sample.float() - (1.0 - a_t).sqrt() * e) / a_t.sqrt()).abs() <= self.clip_sample_range
+
+        return torch.where(x0_inside(eps) & x0_inside(guided), guided, eps)
