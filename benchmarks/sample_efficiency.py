@@ -26,6 +26,11 @@ The CSV has every run (``config``, ``selected`` columns); the table, plot and he
 the report lists the grid. ``KEY`` is a ``model.init_args`` key (``actor_lr``) or a full dotted path
 (``model.init_args.estimator.init_args.lam``).
 
+**Transferred choice** (``--selected-from JSON``): every method runs, on every seed, the configuration an earlier
+tuned run chose for it (that run's ``<name>.json``, ``protocol.selected``; a backbone it did not tune takes the
+method's choice on the backbone it did). Every method gets the same tuning budget, none on this setting: e.g. the
+sparse reward with the learning rates tuned on the dense one.
+
 Each evaluation also records the run's training time so far (``train_seconds``: the module's per-iteration wall
 time summed, evaluations not counted), so the headline gives the same crossing in training time too:
 ``time_fraction`` = actor-critic seconds to reach GRPO's final accuracy / GRPO's seconds (< 1: ahead at equal
@@ -301,6 +306,25 @@ def time_methods(rows: list[dict], args: argparse.Namespace, out_dir: Path) -> d
     return per_iteration
 
 
+def transferred(path: Path, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """``--selected-from``: each (backbone, method)'s configuration chosen by the tuned run whose JSON is ``path``
+    (for a backbone that run did not tune, the method's choice on the one it did, if it tuned exactly one)."""
+    protocol = json.loads(path.read_text()).get("protocol") or {}
+    selected = protocol.get("selected")
+    if not selected:
+        raise SystemExit(f"--selected-from {path}: no tuned protocol's choice in it (protocol.selected)")
+    chosen = {}
+    for backbone, method in pairs:
+        if f"{backbone}/{method}" in selected:
+            chosen[backbone, method] = selected[f"{backbone}/{method}"]
+            continue
+        other = {config for key, config in selected.items() if key.split("/")[1] == method}
+        if len(other) != 1:
+            raise SystemExit(f"--selected-from {path}: no single choice for {method} (has {sorted(selected)})")
+        chosen[backbone, method] = other.pop()
+    return chosen
+
+
 def select(rows: list[dict], backbone: str, method: str, configs: list[str]) -> tuple[str, list[dict]]:
     """The tuned protocol's choice: of one seed's grid runs of (backbone, method), the configuration with the best
     accuracy at the budget all of them reached (ties: the best mean accuracy over the curve).
@@ -462,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                         help="tuned protocol: every method's grid on --tune-seed, then the best on every seed")
     parser.add_argument("--tune-seed", type=int, default=None, help="the grid's seed (default: the first of --seeds)")
+    parser.add_argument("--selected-from", type=Path, default=None, metavar="JSON",
+                        help="run each method's configuration chosen by an earlier tuned run (its results JSON)")
     parser.add_argument("--time-iterations", type=int, default=0, metavar="N",
                         help="then time N iterations of each method's (chosen) configuration, one run at a time, "
                              "and use those per-iteration times for the time curves (0: the runs' own clocks)")
@@ -480,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = "python -m benchmarks.sample_efficiency " + " ".join(argv if argv is not None else sys.argv[1:])
     configs = parse_grid(args.grid)
+    if args.selected_from and len(configs) > 1:
+        parser.error("--selected-from runs an earlier choice; it takes no --grid")
     tune_seed = args.seeds[0] if args.tune_seed is None else args.tune_seed
     grid, protocol = {}, None
     if args.report_from:
@@ -489,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = previous.get("machine", "see the CSV's run") + f"; report redone from {args.report_from.name}"
         protocol = previous.get("protocol")
         if protocol:
-            grid = {tuple(k.split("/")): v for k, v in protocol["grid_results"].items()}
+            grid = {tuple(k.split("/")): v for k, v in protocol.get("grid_results", {}).items()}
     else:
         pairs = [(b, m) for b in args.backbones for m in args.methods]
         start = time.time()
@@ -505,8 +533,11 @@ def main(argv: list[str] | None = None) -> int:
                         "selected": {f"{b}/{m}": c for (b, m), c in chosen.items()},
                         "grid_results": {f"{b}/{m}": table for (b, m), table in grid.items()}}
         else:
-            chosen = {pair: configs[0] for pair in pairs}
-            results = run_all([(b, m, s, configs[0]) for b, m in pairs for s in args.seeds], args, out_dir, start)
+            chosen = transferred(args.selected_from, pairs) if args.selected_from else {p: configs[0] for p in pairs}
+            results = run_all([(b, m, s, chosen[b, m]) for b, m in pairs for s in args.seeds], args, out_dir, start)
+            if args.selected_from:
+                protocol = {"transferred_from": str(args.selected_from),
+                            "selected": {f"{b}/{m}": c for (b, m), c in chosen.items()}}
         rows = [{**row, "selected": int(c == chosen[b, m])} for (b, m, s, c), r in results.items()
                 for row in curve_rows(b, m, s, r, args.task, c)]
         with (out_dir / f"{args.name}.csv").open("w", newline="") as fh:
@@ -532,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     backbones = [b for b in args.backbones if any(r["backbone"] == b for r in rows)]
     plot(rows, backbones, args.methods, out_dir / f"{args.name}.png", args.task)
     text = report(rows, results, backbones, args.methods, cmd, machine, grid)
+    if protocol and "transferred_from" in protocol:
+        text += ("\nConfigurations transferred from " + protocol["transferred_from"] + " (each method's tuned choice "
+                 "there, no tuning here): " + ", ".join(f"{k} {v}" for k, v in protocol["selected"].items()) + ".\n")
     (out_dir / f"{args.name}.md").write_text(text)
     headlines = [headline(rows, b) for b in backbones
                  if {"grpo", "actor_critic"} <= set(args.methods) and mean_curve(rows, b, "grpo")

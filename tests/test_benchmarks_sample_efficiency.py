@@ -193,3 +193,34 @@ def test_time_iterations_times_each_chosen_configuration_alone(tmp_path, monkeyp
     assert se.time_methods(rows, args, tmp_path) == {"actor_critic": 3.0, "grpo": 1.0}
     assert [s[0] for s in seen] == [[("dit", "actor_critic", 0, "actor_lr=1e-4")], [("dit", "grpo", 0, "actor_lr=2e-4")]]
     assert all(s[1:] == (10, 1, "--model.init_args.evaluation.init_args.prompts=[3 and 7]") for s in seen)
+
+
+def test_selected_from_runs_each_method_s_earlier_choice_on_every_seed(tmp_path, monkeypatch):
+    import benchmarks.sample_efficiency as se
+
+    earlier = tmp_path / "dense.json"
+    earlier.write_text(json.dumps({"protocol": {"selected": {"dit/actor_critic": "actor_lr=1e-4",
+                                                             "dit/grpo": "actor_lr=2e-4"}}}))
+    calls = []
+
+    def fake_run_all(jobs, args, out_dir, start=None):
+        calls.append(list(jobs))
+        return {job: {"evals": [{"label": "final", "iteration": 2, "samples": 64, "train_seconds": 1.0,
+                                 "eval/digit_alignment": 0.5, "eval/digit_alignment_accuracy": 0.5}],
+                      "summary": None, "wall_s": 1.0, "complete": True} for job in jobs}
+
+    monkeypatch.setattr(se, "run_all", fake_run_all)
+    monkeypatch.setattr(se, "plot", lambda *a, **k: None)
+    assert se.main(["--backbones", "dit", "unet", "--methods", "actor_critic", "grpo", "--seeds", "0", "1",
+                    "--selected-from", str(earlier), "--out", str(tmp_path), "--name", "t"]) == 0
+    # the UNet, which the earlier run did not tune, takes each method's choice on the DiT
+    assert sorted(calls[0]) == sorted((b, m, s, "actor_lr=1e-4" if m == "actor_critic" else "actor_lr=2e-4")
+                                      for b in ("dit", "unet") for m in ("actor_critic", "grpo") for s in (0, 1))
+    protocol = json.loads((tmp_path / "t.json").read_text())["protocol"]
+    assert protocol["transferred_from"] == str(earlier) and protocol["selected"]["unet/grpo"] == "actor_lr=2e-4"
+    assert "transferred from" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit):  # a choice and a grid at once
+        se.main(["--selected-from", str(earlier), "--grid", "actor_lr=1e-4,2e-4", "--out", str(tmp_path)])
+    earlier.write_text(json.dumps({"protocol": None}))
+    with pytest.raises(SystemExit, match="no tuned protocol"):
+        se.main(["--selected-from", str(earlier), "--out", str(tmp_path), "--name", "t"])
