@@ -251,6 +251,11 @@ MUTANTS: list[Mutant] = [
         "return model_output.float() + expand_like(coef, model_output) * value_grad.float()",
         _t("test_steering_raises_the_value_of_the_next_state[dit]"),
         "FlowSDESampler.guide shifts v̂ the wrong way"),
+    Mutant("advantage_pairs_smallest", PPO,
+        "order = torch.argsort(-advantages.detach().abs(), dim=1, stable=True)[:, :kept]",
+        "order = torch.argsort(advantages.detach().abs(), dim=1, stable=True)[:, :kept]",
+        _t("tests/test_ppo.py::test_advantage_pairs_keep_each_trajectory_s_largest_abs_advantages"),
+        "step_selection='advantage' trains on the steps with the smallest |A| instead of the largest"),
 ]
 
 

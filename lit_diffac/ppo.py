@@ -1,6 +1,7 @@
 """The PPO update over (sample, step) pairs, as pure functions (torchrl style: terms returned by name).
 
-:func:`shuffled_pairs` decides which (trajectory, step) pairs an inner epoch trains on and in what order;
+:func:`shuffled_pairs` (a random subset of steps) or :func:`advantage_pairs` (the steps with the largest
+``|A|``) decides which (trajectory, step) pairs an inner epoch trains on and in what order;
 :func:`minibatch_loss` combines the clipped policy loss, the value loss and the optional KL to the reference
 into the loss of one minibatch; :func:`clip_and_step` clips and applies the gradients of explicit optimisers.
 :class:`~lit_diffac.modules.LatentActorCritic` strings them together; tests call them directly.
@@ -32,6 +33,23 @@ def shuffled_pairs(batch: int, num_steps: int, timestep_fraction: float, generat
                                        indexing="ij"), -1)
     pairs = torch.gather(pairs, 1, order[..., None].expand(-1, -1, 2))[:, :kept].reshape(-1, 2)
     return pairs[torch.randperm(len(pairs), generator=generator, device=device)]
+
+
+def advantage_pairs(advantages: torch.Tensor, timestep_fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """The ``(i, k)`` pairs of one inner epoch chosen by the critic, ``[B · ⌈fraction · K⌉, 2]``, in training order.
+
+    Each trajectory ``i`` keeps the ``⌈fraction · K⌉`` steps with the largest ``|A_{i,k}|`` (``advantages [B, K]``;
+    ties: the earlier step), where its per-step advantages say the most about the policy: with a critic,
+    ``A_k = G − V(x_{t_k})`` (λ = 1) is near 0 at the steps whose outcome the critic already predicts, and a
+    clipped-PPO gradient is proportional to ``A``. The kept pairs of all trajectories are then shuffled together,
+    as in :func:`shuffled_pairs`. Critic-free advantages are equal along a trajectory, so this needs a critic.
+    """
+    batch, num_steps = advantages.shape
+    kept = max(1, math.ceil(timestep_fraction * num_steps))
+    order = torch.argsort(-advantages.detach().abs(), dim=1, stable=True)[:, :kept]  # [B, kept]
+    rows = torch.arange(batch, device=advantages.device)[:, None].expand(-1, kept)
+    pairs = torch.stack([rows, order], -1).reshape(-1, 2)
+    return pairs[torch.randperm(len(pairs), generator=generator, device=generator.device).to(pairs.device)]
 
 
 @dataclass

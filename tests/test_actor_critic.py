@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lit_diffac.backbones.unet import UNetBackbone
+from lit_diffac.estimators import GroupRelative
 from lit_diffac.evaluation import HeldOutEvaluation
 from lit_diffac.modules.actor_critic import LatentActorCritic
 from lit_diffac.rewards.base import CallableReward
@@ -146,6 +147,22 @@ def test_every_option_changes_the_update(unet_backbone, toy_pipelines, option, v
     assert not torch.equal(results[0], results[1])
 
 
+def test_advantage_step_selection_trains_on_the_critic_s_chosen_steps(toy_pipelines):
+    """Same rollout and seed at timestep_fraction 0.5: choosing the steps by |A| trains on other pairs than a random
+    subset (so the weights differ) and logs which steps it chose."""
+    results, metrics = [], []
+    for kw in ({}, {"step_selection": "advantage"}):
+        L.seed_everything(0)
+        module = make_module(UNetBackbone(str(toy_pipelines["unet"])), timestep_fraction=0.5, **kw)
+        attach_trainer(module)
+        rollout = rollout_for(module)
+        metrics.append(update(module, rollout))
+        results.append(torch.cat([p.detach().flatten() for p in module.backbone.policy_parameters()]))
+    assert not torch.equal(results[0], results[1])
+    assert all(0 <= m["train/trained_step_mean"] <= module.sampler.num_steps - 1 for m in metrics)
+    assert metrics[0]["train/trained_step_mean"] != metrics[1]["train/trained_step_mean"]
+
+
 def test_cfg_changes_rollout(unet_backbone, toy_pipelines):
     a = rollout_for(make_module(unet_backbone))
     b = rollout_for(make_module(UNetBackbone(str(toy_pipelines["unet"]), cfg_scale=3.0)))
@@ -175,6 +192,12 @@ def test_config_validation(unet_backbone):
         make_module(unet_backbone, timestep_fraction=0.0)
     with pytest.raises(ValueError, match="reward_weights"):
         make_module(unet_backbone, reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="set timestep_fraction < 1"):
+        make_module(unet_backbone, step_selection="advantage")
+    with pytest.raises(ValueError, match="step_selection='advantage' needs a critic"):
+        make_module(unet_backbone, step_selection="advantage", timestep_fraction=0.5, estimator=GroupRelative())
+    with pytest.raises(ValueError, match="step_selection must be"):
+        make_module(unet_backbone, step_selection="largest")
     with pytest.raises(ValueError, match="unique"):
         make_module(unet_backbone, rewards=[CallableReward(_brightness, name="x"), CallableReward(_brightness, name="x")])
 

@@ -41,8 +41,8 @@ from lit_diffac.history import IterationTimer, RunHistory, RunReport
 from lit_diffac.losses import reference_kl
 from lit_diffac.modules.config import check_config
 from lit_diffac.normalization import RewardNormalizer
-from lit_diffac.ppo import (apply_learning_rates, build_optimizer, clip_and_step, clip_gradients, minibatch_loss,
-                            reward_statistics, shuffled_pairs, value_diagnostics, zero_grad)
+from lit_diffac.ppo import (advantage_pairs, apply_learning_rates, build_optimizer, clip_and_step, clip_gradients,
+                            minibatch_loss, reward_statistics, shuffled_pairs, value_diagnostics, zero_grad)
 from lit_diffac.resume import CHECKPOINT_KEY, load_training_state, training_state
 from lit_diffac.rewards.base import Reward
 from lit_diffac.rollout import Rollout, collect_rollout, denoise, iteration_generator, sample_prompt_groups
@@ -69,7 +69,10 @@ class LatentActorCritic(L.LightningModule):
         samples_per_prompt: trajectories per prompt (``G``; GRPO's group size; ``batch_size`` must be a multiple).
         minibatch_size: (sample, step) pairs per PPO minibatch.
         num_inner_epochs: passes over the iteration's data.
-        timestep_fraction: fraction of each trajectory's steps trained on (a random subset per sample).
+        timestep_fraction: fraction of each trajectory's steps trained on (``⌈fraction · K⌉`` per sample).
+        step_selection: which steps those are: ``"random"`` (a random subset per sample and inner epoch, DDPO /
+            flow_grpo) or ``"advantage"`` (those with the largest ``|A|``, :func:`~lit_diffac.ppo.advantage_pairs`:
+            the critic says which denoising steps matter; needs a critic and ``timestep_fraction < 1``).
         clip_range: PPO ratio clip ε (per-dimension-mean log-probs make it tiny: paper 1e-5 SD1.5, 1e-4 SD3.5).
         value_clip_range: clip of ``V`` around ``V_old`` in the value loss (``None``: unclipped).
         kl_coef: weight β of the per-step KL to the reference policy (:func:`~lit_diffac.losses.reference_kl`);
@@ -106,6 +109,7 @@ class LatentActorCritic(L.LightningModule):
         minibatch_size: int = 64,
         num_inner_epochs: int = 1,
         timestep_fraction: float = 1.0,
+        step_selection: Literal["random", "advantage"] = "random",
         clip_range: float = 1e-4,
         value_clip_range: float | None = None,
         kl_coef: float = 0.0,
@@ -280,7 +284,11 @@ class LatentActorCritic(L.LightningModule):
         self.backbone.train()
         sums: dict[str, list[float]] = {}
         for epoch in range(hp.num_inner_epochs):
-            pairs = shuffled_pairs(rollout.batch_size, rollout.num_steps, hp.timestep_fraction, generator, self.device)
+            pairs = advantage_pairs(est.advantages, hp.timestep_fraction, generator) \
+                if hp.step_selection == "advantage" else \
+                shuffled_pairs(rollout.batch_size, rollout.num_steps, hp.timestep_fraction, generator, self.device)
+            if epoch == 0:
+                metrics["train/trained_step_mean"] = pairs[:, 1].float().mean().item()
             for start in range(0, len(pairs), hp.minibatch_size):
                 i, k = pairs[start:start + hp.minibatch_size].unbind(-1)
                 log_prob, values, kl = self.forward_step(rollout.latents[i, k], k, rollout.embeds[i],

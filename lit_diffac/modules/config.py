@@ -22,6 +22,14 @@ def check_config(module: Any, reward_weights: Sequence[float] | None, critic_rep
         problems.append(f"{len(reward_weights)} reward_weights for {len(names)} rewards {names}")
     if not 0.0 < hp.timestep_fraction <= 1.0:
         problems.append(f"timestep_fraction must be in (0, 1] (got {hp.timestep_fraction})")
+    if hp.step_selection not in ("random", "advantage"):
+        problems.append(f"step_selection must be 'random' or 'advantage' (got {hp.step_selection!r})")
+    elif hp.step_selection == "advantage" and not module.estimator.uses_critic:
+        problems.append("step_selection='advantage' needs a critic: critic-free advantages are equal at every step "
+                        "of a trajectory")
+    elif hp.step_selection == "advantage" and hp.timestep_fraction >= 1.0:
+        problems.append("step_selection='advantage' keeps the ⌈timestep_fraction · K⌉ steps with the largest |A|; "
+                        "at timestep_fraction=1 that is every step: set timestep_fraction < 1")
     problems += [f"{key} must be >= 0 (0 freezes that network; got {hp[key]})"
                  for key in ("actor_lr", "critic_lr") if not hp[key] >= 0]  # `not >=`: NaN fails too
     if not hp.clip_range > 0:
