@@ -146,9 +146,11 @@ class GracefulStop(Checkpoint):
     too many non-finite iterations, or a reward that raised) stops the run the same way, raising
     :class:`~lit_diffac.errors.TrainingHalted`.
 
-    With a ``ModelCheckpoint(save_last=True)`` among the callbacks it also keeps ``last.ckpt`` current: it
-    rewrites it when training ends (the final state) and at the end of an iteration once ``every_minutes`` of
-    wall time have passed since it last wrote one (a killed process loses at most that much work).
+    With a ``ModelCheckpoint(save_last=True)`` among the callbacks (or ``"link"``: ``last.ckpt`` a link to the newest
+    periodic checkpoint, one file written instead of two) it also keeps ``last.ckpt`` current: it rewrites it (a
+    file, in place of a link) when training ends (the final state) and at the end of an iteration once
+    ``every_minutes`` of wall time have passed since it last wrote one (a killed process loses at most that much
+    work).
 
     Args:
         filename: checkpoint file name inside the run's checkpoint folder (``last.ckpt`` is what

@@ -343,3 +343,18 @@ def test_last_ckpt_is_written_every_n_minutes(toy_pipelines, tmp_path, monkeypat
     assert saved_epochs[:2] == [("last.ckpt", 1), ("last.ckpt", 3)]
     assert set(saved_epochs[2:]) == {("last.ckpt", 4)}
     assert sorted(p.name for p in tmp_path.glob("last*.ckpt")) == ["last.ckpt"]
+
+
+def test_save_last_link_ends_with_a_final_last_ckpt_and_leaves_the_periodic_one_alone(toy_pipelines, tmp_path):
+    """``save_last="link"``: during the run last.ckpt links to the newest periodic checkpoint (no second copy);
+    at the end GracefulStop writes the final state as a file in its place (the checkpoint IO replaces the link;
+    it does not write through it)."""
+    import torch
+
+    module = make(toy_pipelines["dit"], nan_at(-1))
+    L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+              callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last="link", every_n_epochs=2)]).fit(module)
+    last, periodic = tmp_path / "last.ckpt", next(tmp_path.glob("epoch=1*.ckpt"))
+    assert last.is_file() and not last.is_symlink()
+    assert torch.load(last, weights_only=False)["epoch"] == 3  # the final state, after 3 iterations
+    assert torch.load(periodic, weights_only=False)["epoch"] == 1  # the iteration-2 checkpoint, unchanged
