@@ -126,6 +126,14 @@ class CriticGAE(AdvantageEstimator):
                           targets=clip_advantages(targets, self.target_clip), per_reward=per_reward)
 
 
+def prompt_groups(prompts: list[str]) -> dict[str, list[int]]:
+    """The indices of each distinct prompt, ``{prompt: [i, …]}``, prompts in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    return groups
+
+
 def group_relative_advantages(rewards: torch.Tensor, prompts: list[str], eps: float = 1e-4,
                               scale: torch.Tensor | None = None) -> torch.Tensor:
     r"""GRPO advantages: standardise each reward within its group of samples for the same prompt.
@@ -148,10 +156,7 @@ def group_relative_advantages(rewards: torch.Tensor, prompts: list[str], eps: fl
     if len(prompts) != rewards.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {rewards.shape[0]} rewards")
     out = torch.zeros_like(rewards, dtype=torch.float32)
-    groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        groups.setdefault(prompt, []).append(i)
-    for members in groups.values():
+    for members in prompt_groups(prompts).values():
         r = rewards[members].float()
         std = r.std(0, unbiased=False) if scale is None else scale.to(r)
         out[members] = (r - r.mean(0)) / (std + eps)
@@ -232,11 +237,8 @@ class PerPromptStatTracker:
                 raise ValueError(f"gather returned {pool.numel()} rewards for {len(pool_prompts)} prompts")
         pool, local = pool.cpu(), local.cpu()
         batch = (pool.mean(), pool.std(unbiased=False))
-        groups: dict[str, list[int]] = {}
-        for i, prompt in enumerate(pool_prompts):
-            groups.setdefault(prompt, []).append(i)
         stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for prompt, members in groups.items():
+        for prompt, members in prompt_groups(pool_prompts).items():
             buffer = self.buffers.setdefault(prompt, [])
             buffer.extend(pool[members].tolist())
             del buffer[:-self.buffer_size]

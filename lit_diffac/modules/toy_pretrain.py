@@ -14,18 +14,79 @@ on seen and on unseen pairs alike; ``recipes/toy_pairs/pretrain_*.yaml``).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_diffac.toy.digits import load_digits
 from lit_diffac.toy import pairs
+from lit_diffac.toy.digits import DigitsSplit, load_digits
+from lit_diffac.toy.evaluation import evaluate_pair_alignment, evaluate_toy_alignment
 from lit_diffac.toy.models import build_toy_backbone, save_pipeline
 from lit_diffac.toy.prompts import TRAIN_TEMPLATES, make_prompt
+
+
+@dataclass(frozen=True)
+class ToyTask:
+    """What pretraining needs to know about a toy task: its training images and prompts, and its evaluation.
+
+    Attributes:
+        templates: the training prompt templates.
+        make_prompt: ``(label, template) → prompt``, a label being a digit or a ``[left, right]`` pair.
+        evaluate: the held-out evaluation (:mod:`lit_diffac.toy.evaluation`).
+        logged: the evaluation's keys logged to TensorBoard (as ``eval/<key>``).
+        composed: images are composed afresh every step (:func:`lit_diffac.toy.pairs.sample_canvases`, seen
+            pairs only) instead of read from the data set.
+    """
+
+    templates: tuple[str, ...]
+    make_prompt: Callable[[object, str], str]
+    evaluate: Callable[..., dict[str, float]]
+    logged: tuple[str, ...]
+    composed: bool = False
+
+    def dataloader(self, data: DigitsSplit, batch_size: int) -> DataLoader:
+        if self.composed:  # canvases are composed in training_step; an epoch has as many steps as the digits'
+            return DataLoader(TensorDataset(torch.arange(len(data))), batch_size=batch_size, shuffle=False,
+                              drop_last=True)
+        return DataLoader(TensorDataset(data.images, data.labels), batch_size=batch_size, shuffle=True,
+                          drop_last=True)
+
+    def images_and_labels(self, batch, data: DigitsSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch's images ``[N, 3, H, W]`` and labels (``[N]`` digits or ``[N, 2]`` pairs)."""
+        if self.composed:
+            images, labels = pairs.sample_canvases(data, batch[0].shape[0], pairs.SEEN_PAIRS)
+            return images.to(device), labels
+        return batch
+
+    def prompts(self, labels: torch.Tensor, cond_dropout: float) -> list[str]:
+        """A random training prompt per label, ``""`` with probability ``cond_dropout`` (for CFG)."""
+        templates = torch.randint(len(self.templates), (labels.shape[0],), device="cpu").tolist()
+        drop = (torch.rand(labels.shape[0], device="cpu") < cond_dropout).tolist()
+        return ["" if d else self.make_prompt(label, self.templates[k])
+                for label, k, d in zip(labels.tolist(), templates, drop)]
+
+    def describe(self, metrics: dict) -> str:
+        """The console line's figures of an evaluation."""
+        line = f"held-out alignment {metrics['alignment_accuracy']:.3f}"
+        if "alignment_accuracy_seen" in self.logged:
+            line += (f" (seen pairs {metrics['alignment_accuracy_seen']:.3f}, unseen pairs "
+                     f"{metrics['alignment_accuracy_unseen']:.3f})")
+        return line
+
+
+TASKS = {
+    "digits": ToyTask(TRAIN_TEMPLATES, lambda digit, template: make_prompt(int(digit), template),
+                      evaluate_toy_alignment, ("alignment_accuracy", "digit_probability")),
+    "pairs": ToyTask(pairs.TRAIN_TEMPLATES, lambda pair, template: pairs.make_pair_prompt(*pair, template),
+                     evaluate_pair_alignment,
+                     ("alignment_accuracy", "alignment_accuracy_seen", "alignment_accuracy_unseen", "pair_probability"),
+                     composed=True),
+}
 
 
 class ToyBasePretraining(L.LightningModule):
@@ -61,6 +122,7 @@ class ToyBasePretraining(L.LightningModule):
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
         self.save_hyperparameters()
+        self.task = TASKS[task]
         self.backbone = build_toy_backbone(family, task=task)
         # The toy text encoder is trained jointly with the denoiser (it is frozen later, in RL).
         self.backbone.text_encoder.requires_grad_(True).train()
@@ -69,35 +131,16 @@ class ToyBasePretraining(L.LightningModule):
         self.eval_history: list[dict] = []
 
     def train_dataloader(self) -> DataLoader:
-        if self.hparams.task == "pairs":  # canvases are composed in training_step; an epoch has as many steps
-            dataset = TensorDataset(torch.arange(len(self._data)))
-            return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=False, drop_last=True)
-        dataset = TensorDataset(self._data.images, self._data.labels)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True)
+        return self.task.dataloader(self._data, self.hparams.batch_size)
 
     def configure_optimizers(self):
         params = list(self.backbone.denoiser.parameters()) + list(self.backbone.text_encoder.parameters())
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=1e-4)
 
-    def _prompts(self, labels: torch.Tensor) -> list[str]:
-        """A random training prompt per label (a digit ``[N]``, or a ``(left, right)`` pair ``[N, 2]``)."""
-        if self.hparams.task == "pairs":
-            templates = torch.randint(len(pairs.TRAIN_TEMPLATES), (labels.shape[0],), device="cpu").tolist()
-            drop = (torch.rand(labels.shape[0], device="cpu") < self.hparams.cond_dropout).tolist()
-            return ["" if d else pairs.make_pair_prompt(a, b, pairs.TRAIN_TEMPLATES[k])
-                    for (a, b), k, d in zip(labels.tolist(), templates, drop)]
-        templates = torch.randint(len(TRAIN_TEMPLATES), (labels.numel(),), device="cpu").tolist()
-        drop = (torch.rand(labels.numel(), device="cpu") < self.hparams.cond_dropout).tolist()
-        return ["" if d else make_prompt(int(y), TRAIN_TEMPLATES[k])
-                for y, k, d in zip(labels.tolist(), templates, drop)]
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if self.hparams.task == "pairs":  # fresh canvases of seen pairs from the train split's digits
-            images, labels = pairs.sample_canvases(self._data, batch[0].shape[0], pairs.SEEN_PAIRS)
-            images = images.to(self.device)
-        else:
-            images, labels = batch
-        embeds = self.backbone._encode(self._prompts(labels))  # with grad: the text encoder trains
+        images, labels = self.task.images_and_labels(batch, self._data, self.device)
+        prompts = self.task.prompts(labels, self.hparams.cond_dropout)
+        embeds = self.backbone._encode(prompts)  # with grad: the text encoder trains
         noise = torch.randn_like(images)
         if self.hparams.family == "unet":
             scheduler = self.backbone.scheduler
@@ -120,25 +163,16 @@ class ToyBasePretraining(L.LightningModule):
             self._evaluate()
 
     def _evaluate(self) -> dict:
-        from lit_diffac.toy.evaluation import evaluate_pair_alignment, evaluate_toy_alignment
-
-        evaluate = evaluate_pair_alignment if self.hparams.task == "pairs" else evaluate_toy_alignment
         self.backbone.clear_prompt_cache()
-        metrics = evaluate(self.backbone, samples_per_prompt=self.hparams.eval_samples_per_prompt,
-                           num_steps=self.hparams.eval_steps)
+        metrics = self.task.evaluate(
+            self.backbone, samples_per_prompt=self.hparams.eval_samples_per_prompt, num_steps=self.hparams.eval_steps)
         self.backbone.clear_prompt_cache()
         metrics = {"step": self.global_step, "minutes": (time.time() - self._started) / 60, **metrics}
         self.eval_history.append(metrics)
-        keys = ("alignment_accuracy", "alignment_accuracy_seen", "alignment_accuracy_unseen", "pair_probability") \
-            if self.hparams.task == "pairs" else ("alignment_accuracy", "digit_probability")
-        for key in keys:
-            if self.logger is not None:
+        if self.logger is not None:
+            for key in self.task.logged:
                 self.logger.log_metrics({f"eval/{key}": metrics[key]}, step=self.global_step)
-        line = f"step {self.global_step}: held-out alignment {metrics['alignment_accuracy']:.3f}"
-        if self.hparams.task == "pairs":
-            line += (f" (seen pairs {metrics['alignment_accuracy_seen']:.3f}, unseen pairs "
-                     f"{metrics['alignment_accuracy_unseen']:.3f})")
-        self.print(line)
+        self.print(f"step {self.global_step}: {self.task.describe(metrics)}")
         return metrics
 
     def on_train_end(self) -> None:
