@@ -39,6 +39,10 @@ wall-clock). Runs side by side share the machine, so their clocks compare only w
 and uses those per-iteration times instead (with ``--report-from``: without rerunning the comparison);
 ``--seconds-per-iteration METHOD=S …`` gives such times directly.
 
+``--reuse CSV`` takes the complete runs of an earlier CSV instead of running them again (runs are deterministic
+for a given seed and thread count, so the result is the same; e.g. a grid around runs already done). It is for
+runs of the same task, budget and overrides; the tool cannot check the overrides.
+
 ``--time-limit`` stops runs still going (their curves end early and the comparison uses the budget all runs
 reached); ``--report-from CSV`` redoes the table, plot and headline of an earlier run without running anything.
 ``--quick`` (one seed, DiT only, 2 iterations, a tiny evaluation, written under ``results/quick/``) checks the
@@ -217,6 +221,35 @@ def run_all(jobs: list[tuple[str, str, int, str]], args: argparse.Namespace, out
                 results[job] = {"evals": [], "summary": None, "wall_s": 0.0, "complete": False}
             pending.clear()
     return results
+
+
+def reused_results(path: Path, task: str, iterations: int) -> dict:
+    """``--reuse``: the complete runs of an earlier CSV (their last evaluation at ``iterations``), as
+    :func:`run_all` returns them (``summary`` ``None``), keyed by ``(backbone, method, seed, config)``."""
+    spec, by_run = TASKS[task], {}
+    for r in read_csv(path):
+        by_run.setdefault((r["backbone"], r["method"], r["seed"], r.get("config", "")), []).append(r)
+    results = {}
+    for job, rows in by_run.items():
+        rows.sort(key=lambda r: r["iteration"])
+        if rows[-1]["iteration"] != iterations:
+            continue  # stopped early, or another budget: run it again
+        evals = [{"label": "reused", "iteration": r["iteration"], "samples": r["samples"],
+                  "train_seconds": r["train_seconds"], spec.accuracy: r["accuracy"], spec.reward: r["reward"],
+                  **{key: r[column] for column, key in spec.extra}} for r in rows]
+        results[job] = {"evals": evals, "summary": None, "wall_s": 0.0, "complete": True}
+    return results
+
+
+def run_or_reuse(jobs: list[tuple[str, str, int, str]], args: argparse.Namespace, out_dir: Path,
+                 start: float | None = None) -> dict:
+    """:func:`run_all` on the jobs that ``args.reused`` (``--reuse``) does not already hold."""
+    reused = {job: args.reused[job] for job in jobs if job in args.reused}
+    if reused:
+        print(f"reusing {len(reused)} complete run(s) of {args.reuse}: " + ", ".join(run_name(*j) for j in reused),
+              flush=True)
+    fresh = [job for job in jobs if job not in reused]
+    return {**reused, **(run_all(fresh, args, out_dir, start) if fresh else {})}
 
 
 def curve_rows(backbone: str, method: str, seed: int, result: dict, task: str = "digits",
@@ -494,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds-per-iteration", nargs="+", default=[], metavar="METHOD=S",
                         help="training time per iteration measured apart (on a quiet machine): the time curves use "
                              "iteration x S instead of the runs' own clocks (which share the machine)")
+    parser.add_argument("--reuse", type=Path, default=None, metavar="CSV",
+                        help="take the complete runs of an earlier CSV (same task, iterations and overrides) "
+                             "instead of running them again")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
@@ -506,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = "python -m benchmarks.sample_efficiency " + " ".join(argv if argv is not None else sys.argv[1:])
     configs = parse_grid(args.grid)
+    args.reused = reused_results(args.reuse, args.task, args.iterations) if args.reuse else {}
     if args.selected_from and len(configs) > 1:
         parser.error("--selected-from runs an earlier choice; it takes no --grid")
     tune_seed = args.seeds[0] if args.tune_seed is None else args.tune_seed
@@ -522,19 +559,20 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [(b, m) for b in args.backbones for m in args.methods]
         start = time.time()
         if len(configs) > 1:  # the tuned protocol: every method's grid on one seed, then its best on the others
-            results = run_all([(b, m, tune_seed, c) for b, m in pairs for c in configs], args, out_dir, start)
+            results = run_or_reuse([(b, m, tune_seed, c) for b, m in pairs for c in configs], args, out_dir, start)
             tuning = [row for (b, m, s, c), r in results.items() for row in curve_rows(b, m, s, r, args.task, c)]
             picks = {(b, m): select(tuning, b, m, configs) for b, m in pairs}
             chosen = {pair: config for pair, (config, _) in picks.items()}
             grid = {pair: table for pair, (_, table) in picks.items()}
-            results.update(run_all([(b, m, s, chosen[b, m]) for b, m in pairs for s in args.seeds if s != tune_seed],
-                                   args, out_dir, start))
+            results.update(run_or_reuse([(b, m, s, chosen[b, m]) for b, m in pairs for s in args.seeds
+                                         if s != tune_seed], args, out_dir, start))
             protocol = {"grid": args.grid, "tune_seed": tune_seed, "configs": configs,
                         "selected": {f"{b}/{m}": c for (b, m), c in chosen.items()},
                         "grid_results": {f"{b}/{m}": table for (b, m), table in grid.items()}}
         else:
             chosen = transferred(args.selected_from, pairs) if args.selected_from else {p: configs[0] for p in pairs}
-            results = run_all([(b, m, s, chosen[b, m]) for b, m in pairs for s in args.seeds], args, out_dir, start)
+            results = run_or_reuse([(b, m, s, chosen[b, m]) for b, m in pairs for s in args.seeds], args, out_dir,
+                                   start)
             if args.selected_from:
                 protocol = {"transferred_from": str(args.selected_from),
                             "selected": {f"{b}/{m}": c for (b, m), c in chosen.items()}}

@@ -224,3 +224,38 @@ def test_selected_from_runs_each_method_s_earlier_choice_on_every_seed(tmp_path,
     earlier.write_text(json.dumps({"protocol": None}))
     with pytest.raises(SystemExit, match="no tuned protocol"):
         se.main(["--selected-from", str(earlier), "--out", str(tmp_path), "--name", "t"])
+
+
+def test_reuse_takes_complete_earlier_runs_instead_of_running_them(tmp_path, monkeypatch):
+    import benchmarks.sample_efficiency as se
+
+    def result(job, iterations=2):
+        accuracy = {"actor_lr=1e-4": 0.8, "actor_lr=2e-4": 0.6}[job[3]]
+        return {"evals": [{"label": "base", "iteration": 0, "samples": 0, "train_seconds": 0.0,
+                           "eval/digit_alignment": 0.3, "eval/digit_alignment_accuracy": 0.3},
+                          {"label": "final", "iteration": iterations, "samples": 32 * iterations, "train_seconds": 5.0,
+                           "eval/digit_alignment": 0.5, "eval/digit_alignment_accuracy": accuracy}],
+                "summary": None, "wall_s": 1.0, "complete": True}
+
+    calls = []
+
+    def fake_run_all(jobs, args, out_dir, start=None):
+        calls.append(list(jobs))
+        return {job: result(job) for job in jobs}
+
+    monkeypatch.setattr(se, "run_all", fake_run_all)
+    monkeypatch.setattr(se, "plot", lambda *a, **k: None)
+    common = ["--backbones", "dit", "--methods", "actor_critic", "--iterations", "2", "--out", str(tmp_path)]
+    # an earlier run: the 1e-4 configuration on seeds 0 and 1
+    assert se.main([*common, "--seeds", "0", "1", "--grid", "actor_lr=1e-4", "--name", "earlier"]) == 0
+    calls.clear()
+    assert se.main([*common, "--seeds", "0", "1", "--grid", "actor_lr=1e-4,2e-4", "--name", "t",
+                    "--reuse", str(tmp_path / "earlier.csv")]) == 0
+    assert calls == [[("dit", "actor_critic", 0, "actor_lr=2e-4")]]  # only the grid run not done before
+    full = json.loads((tmp_path / "t.json").read_text())
+    assert full["protocol"]["selected"] == {"dit/actor_critic": "actor_lr=1e-4"}
+    assert full["headline"] == [] and len(se.read_csv(tmp_path / "t.csv")) == 3 * 2  # seeds 0, 1 and the grid run
+    calls.clear()  # a longer budget: nothing of the earlier CSV is complete, everything runs
+    assert se.main([*common[:-4], "--iterations", "3", "--out", str(tmp_path), "--seeds", "0", "--grid",
+                    "actor_lr=1e-4", "--name", "u", "--reuse", str(tmp_path / "earlier.csv")]) == 0
+    assert calls == [[("dit", "actor_critic", 0, "actor_lr=1e-4")]]
