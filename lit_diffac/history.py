@@ -87,14 +87,14 @@ class RunHistory:
 
     def summary(self, module: str, iterations: int, seed: int, checkpoint: str | Path | None = None) -> dict:
         """The ``summary.json`` of a run: base and final held-out metrics, diagnostics averaged over the last
-        iterations (``train/…`` into ``final_train``; ``perf/…`` left out), samples seen, wall time, training
+        iterations (``train/…`` into ``final_train``; ``perf/…`` left out; an iteration where a diagnostic is
+        undefined, NaN, does not count for it), samples seen, wall time, training
         time (``train_seconds``; ``eval_train_seconds``: at each entry of ``eval_history``) and the
         checkpoint that holds the final weights (``None``: none written)."""
         base = next((e for e in self.evaluations if e["label"] == "base"), None)
         final = self.evaluations[-1] if self.evaluations else {}
         recent = self.recent
-        averaged = {k: sum(m[k] for m in recent if k in m) / sum(k in m for m in recent)
-                    for k in {k for m in recent for k in m}}
+        averaged = {k: mean_finite([m[k] for m in recent if k in m]) for k in {k for m in recent for k in m}}
         wall = time.perf_counter() - (self.started or time.perf_counter())
         return {
             "module": module,
@@ -158,6 +158,12 @@ class IterationTimer:
         return {**{f"perf/{phase}_time": t for phase, t in self.phases.items()}, "perf/iteration_time": total,
                 "perf/samples_per_sec": samples / total, "perf/samples_seen": float(samples_seen),
                 **self.reward_times}
+
+
+def mean_finite(values: list[float]) -> float:
+    """The mean of the finite ``values`` (NaN if there is none)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _sync(device: torch.device) -> None:

@@ -244,11 +244,14 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         target: targets ``G`` (same shape).
 
     Returns:
-        0-d float32 tensor; NaN when ``Var(G) = 0``.
+        0-d float32 tensor; NaN when the targets are all equal (``Var(G)`` zero up to float rounding: ``std(G) ≤
+        1e-6 · max |G|``; e.g. a batch whose binary rewards are all 0, where rounding alone would otherwise
+        give values like −1e13).
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have equal shapes")
     pred, target = pred.float().flatten(), target.float().flatten()
     var_target = target.var(unbiased=False)
     ev = 1.0 - (target - pred).var(unbiased=False) / var_target
-    return torch.where(var_target == 0, torch.full_like(ev, float("nan")), ev)  # no host sync
+    constant = var_target <= (1e-6 * target.abs().max()) ** 2
+    return torch.where(constant, torch.full_like(ev, float("nan")), ev)  # no host sync

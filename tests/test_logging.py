@@ -269,3 +269,19 @@ def test_hparams_tab_gets_the_real_hyperparameters_and_the_final_held_out_accura
     assert hparams["backbone_class"] == "DiTBackbone" and hparams["rewards"] == "digit_alignment"
     final = module.history.evaluations[-1]["eval/digit_alignment_accuracy"]
     assert [s.value for s in events.Scalars("hp_metric")] == [pytest.approx(final)]  # not a -1 placeholder
+
+
+def test_summary_averages_each_diagnostic_over_the_iterations_where_it_is_defined():
+    """An iteration whose explained variance is undefined (NaN: all rewards equal) does not count for it; a
+    diagnostic undefined in every recent iteration stays NaN."""
+    import math
+
+    from lit_diffac.history import RunHistory
+
+    history = RunHistory(window=3)
+    for ev, loss in ((0.5, 1.0), (math.nan, 2.0), (0.7, 3.0)):
+        history.record_iteration({"train/explained_variance": ev, "train/value_loss": loss, "train/x": math.nan})
+    summary = history.summary("m", iterations=3, seed=0)
+    assert summary["final_explained_variance"] == pytest.approx(0.6)
+    assert summary["final_train"]["train/value_loss"] == pytest.approx(2.0)
+    assert math.isnan(summary["final_train"]["train/x"])

@@ -86,3 +86,9 @@ def test_explained_variance():
     torch.testing.assert_close(explained_variance(target, target), torch.tensor(1.0))
     torch.testing.assert_close(explained_variance(torch.full((4,), 2.5), target), torch.tensor(0.0))
     assert math.isnan(float(explained_variance(torch.randn(3), torch.ones(3))))
+    # equal targets whose mean rounds off their value (320 × 0.1 in float32): Var(G) ≈ 1e-17, not 0
+    rounded = torch.full((320,), 0.1)
+    assert 0 < float(rounded.var(unbiased=False)) and math.isnan(float(explained_variance(torch.zeros(320), rounded)))
+    # a small but real spread is not rounding: the swapped prediction explains it 4× worse than its mean would
+    target = torch.tensor([1.0, 1.0 + 1e-4])
+    assert float(explained_variance(target.flip(0), target)) == pytest.approx(-3.0, rel=1e-2)
