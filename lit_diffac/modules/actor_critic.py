@@ -284,9 +284,7 @@ class LatentActorCritic(L.LightningModule):
         self.backbone.train()
         sums: dict[str, list[float]] = {}
         for epoch in range(hp.num_inner_epochs):
-            pairs = advantage_pairs(est.advantages, hp.timestep_fraction, generator) \
-                if hp.step_selection == "advantage" else \
-                shuffled_pairs(rollout.batch_size, rollout.num_steps, hp.timestep_fraction, generator, self.device)
+            pairs = self.training_pairs(rollout, est.advantages, generator)
             if epoch == 0:
                 metrics["train/trained_step_mean"] = pairs[:, 1].float().mean().item()
             for start in range(0, len(pairs), hp.minibatch_size):
@@ -316,6 +314,13 @@ class LatentActorCritic(L.LightningModule):
                         "train/neg_log_prob": -rollout.log_probs.mean().item(),
                         "train/advantage_abs_mean": est.advantages.abs().mean().item()})
         return metrics
+
+    def training_pairs(self, rollout: Rollout, advantages: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One inner epoch's ``(trajectory, step)`` pairs ``[N, 2]`` in training order (``step_selection``)."""
+        hp = self.hparams
+        if hp.step_selection == "advantage":
+            return advantage_pairs(advantages, hp.timestep_fraction, generator)
+        return shuffled_pairs(rollout.batch_size, rollout.num_steps, hp.timestep_fraction, generator, self.device)
 
     def forward_step(self, latents: torch.Tensor, step_index: torch.Tensor, embeds: PromptEmbeds,
                      next_latents: torch.Tensor, uncond: PromptEmbeds | None = None
