@@ -237,7 +237,7 @@ def reused_results(path: Path, task: str, iterations: int) -> dict:
         evals = [{"label": "reused", "iteration": r["iteration"], "samples": r["samples"],
                   "train_seconds": r["train_seconds"], spec.accuracy: r["accuracy"], spec.reward: r["reward"],
                   **{key: r[column] for column, key in spec.extra}} for r in rows]
-        results[job] = {"evals": evals, "summary": None, "wall_s": 0.0, "complete": True}
+        results[job] = {"evals": evals, "summary": None, "wall_s": math.nan, "complete": True, "reused": True}
     return results
 
 
@@ -443,7 +443,8 @@ def report(rows: list[dict], results: dict, backbones: list[str], methods: list[
             evs = [r["summary"]["final_explained_variance"] for r in runs
                    if r["summary"] and r["summary"]["final_explained_variance"] is not None]
             ev = f"{statistics.mean(evs):.2f}" if evs else "—"
-            wall = f"{statistics.mean(r['wall_s'] for r in runs):.0f}" if runs else "—"
+            timed = [r["wall_s"] for r in runs if not r.get("reused")]  # a reused run's time is in its own report
+            wall = f"{statistics.mean(timed):.0f}" if timed else "—"
             complete = f"{len(runs)} ({sum(r['complete'] for r in runs)})" if runs else "—"
             split = "".join(f"{group_mean(rows, backbone, method, c, curve[0][0]):.3f} → "
                             f"{group_mean(rows, backbone, method, c, curve[-1][0]):.3f} | " for c in groups)
@@ -512,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds; then stop the runs still going and report them as incomplete (0: none)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     parser.add_argument("--name", default=None,
-                        help="stem of the result files (default: sample_efficiency, sample_efficiency_pairs)")
+                        help="stem of the result files (default: sample_efficiency, sample_efficiency_pairs; with "
+                             "--report-from, the CSV's stem)")
     parser.add_argument("--report-from", type=Path, default=None, metavar="CSV",
                         help="no runs: redo the table, plot and headline from an earlier run's CSV")
     parser.add_argument("--quick", action="store_true", help="one seed, DiT only, 2 iterations, a tiny evaluation")
@@ -533,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
-    args.name = args.name or task.name
+    args.name = args.name or (args.report_from.stem if args.report_from else task.name)  # a redo keeps its stem
     args.eval_samples = args.eval_samples or task.eval_samples
     out_dir = Path(args.out) if args.out else RESULTS
     if args.quick:
