@@ -43,8 +43,16 @@ and uses those per-iteration times instead (with ``--report-from``: without reru
 for a given seed and thread count, so the result is the same; e.g. a grid around runs already done). It is for
 runs of the same task, budget and overrides; the tool cannot check the overrides.
 
+Each run that finishes is also appended to ``runs/<name>_progress.csv`` at once, so a benchmark that is stopped
+(or whose machine goes away) keeps its complete runs: ``--reuse`` that file to go on where it stopped.
+
+``--keep-checkpoints`` makes each run write its final state to ``runs/<run>/version_0/checkpoints/last.ckpt``
+(beside its ``config.yaml``: a run folder ``benchmarks.steering --run`` takes).
+
 ``--time-limit`` stops runs still going (their curves end early and the comparison uses the budget all runs
 reached); ``--report-from CSV`` redoes the table, plot and headline of an earlier run without running anything.
+``--report-from A.csv B.csv …`` merges runs of the same protocol (e.g. one tuned run per backbone, run one after
+the other) into one result, ``<name>.{csv,json,md,png}``, as if they had run as one.
 ``--quick`` (one seed, DiT only, 2 iterations, a tiny evaluation, written under ``results/quick/``) checks the
 pipeline end to end in about a minute; a test runs it.
 """
@@ -59,16 +67,16 @@ import math
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.curves import METHODS, headline, mean_curve, plot, report, select
+
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "toy"
-METHODS = {"actor_critic": "actor-critic (ours)", "grpo": "GRPO", "ddpo": "DDPO"}
 ACCURACY = "eval/digit_alignment_accuracy"
 REWARD = "eval/digit_alignment"
 
@@ -137,8 +145,12 @@ def command(backbone: str, method: str, seed: int, args: argparse.Namespace, out
     return [sys.executable, "-m", "lit_diffac", "run", str(recipe), f"--seed_everything={seed}",
             f"--model.init_args.seed={seed}", f"--trainer.max_epochs={args.iterations}",
             f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
-            # the module's own held-out evaluation only: no recipe callbacks (sample grids), no checkpoints
-            "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+            # the module's own held-out evaluation only: no recipe callbacks (sample grids), no checkpoints but,
+            # with --keep-checkpoints, the final state (checkpoints/last.ckpt, e.g. for benchmarks.steering)
+            *(["--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
+               f"{{every_n_epochs: {args.iterations}, filename: last, enable_version_counter: false}}}}]"]
+              if getattr(args, "keep_checkpoints", False) else
+              ["--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]),
             f"--trainer.logger.init_args.save_dir={out_dir / 'runs'}",
             f"--trainer.logger.init_args.name={run_name(backbone, method, seed, config)}",
             f"--model.init_args.evaluation.init_args.every_n_iterations={args.eval_every}",
@@ -213,6 +225,9 @@ def run_all(jobs: list[tuple[str, str, int, str]], args: argparse.Namespace, out
                 raise RuntimeError(f"{job} failed (exit {proc.returncode}); end of {log}:\n" + text[-3000:])
             results[job] = {"evals": evals, "summary": summary, "wall_s": time.time() - began,
                             "complete": summary is not None}
+            if results[job]["complete"]:
+                append_progress(out_dir / "runs" / f"{args.name}_progress.csv", args.task,
+                                curve_rows(*job[:3], results[job], args.task, job[3]))
             final = evals[-1][TASKS[args.task].accuracy] if evals else float("nan")
             print(f"{job}: {'done' if summary else 'STOPPED'} at iteration {evals[-1]['iteration'] if evals else 0},"
                   f" accuracy {final:.3f}, {results[job]['wall_s']:.0f} s", flush=True)
@@ -223,6 +238,23 @@ def run_all(jobs: list[tuple[str, str, int, str]], args: argparse.Namespace, out
     return results
 
 
+def csv_fields(task: str) -> list[str]:
+    """The columns of ``<name>.csv`` (and of the progress file ``runs/<name>_progress.csv``)."""
+    return ["backbone", "method", "seed", "config", "selected", "iteration", "samples", "train_seconds", "accuracy",
+            "reward", *(column for column, _ in TASKS[task].extra)]
+
+
+def append_progress(path: Path, task: str, rows: list[dict]) -> None:
+    """Add a finished run's rows to the progress file, so that an interrupted benchmark loses no complete run:
+    ``--reuse runs/<name>_progress.csv`` takes them up again."""
+    new = not path.is_file()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[f for f in csv_fields(task) if f != "selected"])
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def reused_results(path: Path, task: str, iterations: int) -> dict:
     """``--reuse``: the complete runs of an earlier CSV (their last evaluation at ``iterations``), as
     :func:`run_all` returns them (``summary`` ``None``), keyed by ``(backbone, method, seed, config)``."""
@@ -231,13 +263,14 @@ def reused_results(path: Path, task: str, iterations: int) -> dict:
         by_run.setdefault((r["backbone"], r["method"], r["seed"], r.get("config", "")), []).append(r)
     results = {}
     for job, rows in by_run.items():
-        rows.sort(key=lambda r: r["iteration"])
+        # a progress file can hold a run twice (the benchmark run again): its last rows win
+        rows = sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])
         if rows[-1]["iteration"] != iterations:
             continue  # stopped early, or another budget: run it again
         evals = [{"label": "reused", "iteration": r["iteration"], "samples": r["samples"],
                   "train_seconds": r["train_seconds"], spec.accuracy: r["accuracy"], spec.reward: r["reward"],
                   **{key: r[column] for column, key in spec.extra}} for r in rows]
-        results[job] = {"evals": evals, "summary": None, "wall_s": math.nan, "complete": True, "reused": True}
+        results[job] = {"evals": evals, "summary": None, "wall_s": math.nan, "complete": True}
     return results
 
 
@@ -252,6 +285,36 @@ def run_or_reuse(jobs: list[tuple[str, str, int, str]], args: argparse.Namespace
     return {**reused, **(run_all(fresh, args, out_dir, start) if fresh else {})}
 
 
+def earlier_runs(paths: list[Path]) -> tuple[list[dict], dict, str, dict | None]:
+    """``--report-from``: the rows of earlier CSVs, their runs as :func:`run_all` returns them (from each CSV's
+    JSON, where there is one), the machine line and the tuning protocol, merged over ``paths``.
+
+    Merged protocols must be the same experiment (grid, tuning seed, transferred source); their choices are joined."""
+    rows, results, machines, protocol = [], {}, [], None
+    for path in paths:
+        rows += read_csv(path)
+        earlier = path.with_suffix(".json")
+        previous = json.loads(earlier.read_text()) if earlier.is_file() else {}
+        machines.append(previous.get("machine", f"see {path.name}'s run"))
+        for key, run in previous.get("runs", {}).items():
+            backbone, method, seed, config = key.split("/", 3)
+            results[backbone, method, int(seed), config] = {
+                "evals": run["evals"], "wall_s": run["wall_s"], "complete": run["complete"],
+                "summary": {"final_explained_variance": run.get("final_explained_variance")}}
+        theirs = previous.get("protocol")
+        if protocol is None or theirs is None:
+            protocol = protocol or (json.loads(json.dumps(theirs)) if theirs else None)
+            continue
+        for key in ("grid", "tune_seed", "configs", "transferred_from"):
+            if protocol.get(key) != theirs.get(key):
+                raise SystemExit(f"--report-from: {path} was run with {key} {theirs.get(key)!r}, an earlier CSV "
+                                 f"with {protocol.get(key)!r}; only runs of the same protocol merge")
+        for key in ("selected", "grid_results"):
+            protocol.setdefault(key, {}).update(theirs.get(key, {}))
+    machine = "; ".join(dict.fromkeys(machines)) + "; report redone from " + ", ".join(p.name for p in paths)
+    return rows, results, machine, protocol
+
+
 def curve_rows(backbone: str, method: str, seed: int, result: dict, task: str = "digits",
                config: str = "") -> list[dict]:
     spec = TASKS[task]
@@ -259,64 +322,6 @@ def curve_rows(backbone: str, method: str, seed: int, result: dict, task: str = 
              "samples": e["samples"], "train_seconds": e.get("train_seconds", math.nan),
              "accuracy": e[spec.accuracy], "reward": e[spec.reward], **{column: e[key] for column, key in spec.extra}}
             for e in result["evals"]]
-
-
-def mean_curve(rows: list[dict], backbone: str, method: str,
-               budget: float = math.inf) -> list[tuple[int, float, float, float]]:
-    """``(samples, mean, min, max)`` of accuracy over seeds at each evaluation point up to ``budget`` samples.
-
-    Only points that every seed of the method reached count (a run stopped early shortens the curve rather
-    than biasing its mean).
-    """
-    seeds = {r["seed"] for r in rows if r["backbone"] == backbone and r["method"] == method}
-    points: dict[int, list[float]] = {}
-    for r in rows:
-        if r["backbone"] == backbone and r["method"] == method and r["samples"] <= budget:
-            points.setdefault(r["samples"], []).append(r["accuracy"])
-    return [(s, statistics.mean(v), min(v), max(v)) for s, v in sorted(points.items()) if len(v) == len(seeds)]
-
-
-def common_budget(rows: list[dict], backbone: str, methods: list[str]) -> int:
-    """The largest sample count that every run of every method reached (the same-budget comparison point)."""
-    return min(mean_curve(rows, backbone, m)[-1][0] for m in methods if mean_curve(rows, backbone, m))
-
-
-def time_curve(rows: list[dict], backbone: str, method: str, budget: float = math.inf) -> list[tuple[float, float]]:
-    """``(training seconds, accuracy)``, both means over seeds, at each evaluation point of :func:`mean_curve`
-    (points where a seed has no training time, a run stopped early, are left out)."""
-    curve = []
-    for samples, accuracy, *_ in mean_curve(rows, backbone, method, budget):
-        seconds = [r.get("train_seconds", math.nan) for r in rows if r["backbone"] == backbone and r["method"] == method
-                   and r["samples"] == samples]
-        if all(math.isfinite(s) for s in seconds):
-            curve.append((statistics.mean(seconds), accuracy))
-    return curve
-
-
-def samples_to_reach(curve: list[tuple], target: float) -> float | None:
-    """First x (samples, or seconds for a :func:`time_curve`) at which the (linearly interpolated) mean curve
-    ``[(x, accuracy, …), …]`` reaches ``target``."""
-    if curve and curve[0][1] >= target:
-        return float(curve[0][0])
-    for (s0, a0, *_), (s1, a1, *_) in zip(curve, curve[1:]):
-        if a1 >= target:
-            return s0 + (s1 - s0) * (target - a0) / (a1 - a0)
-    return None
-
-
-def headline(rows: list[dict], backbone: str) -> dict:
-    """Samples the actor-critic needs to reach GRPO's final accuracy, at the budget both reached."""
-    budget = common_budget(rows, backbone, ["actor_critic", "grpo"])
-    ac, grpo = mean_curve(rows, backbone, "actor_critic", budget), mean_curve(rows, backbone, "grpo", budget)
-    target, spent = grpo[-1][1], grpo[-1][0]
-    needed = samples_to_reach(ac, target)
-    ac_time, grpo_time = time_curve(rows, backbone, "actor_critic", budget), time_curve(rows, backbone, "grpo", budget)
-    grpo_seconds = grpo_time[-1][0] if grpo_time and grpo_time[-1][1] == target else None
-    ac_seconds = samples_to_reach(ac_time, target) if grpo_seconds else None
-    return {"backbone": backbone, "grpo_final": target, "grpo_samples": spent, "actor_critic_samples": needed,
-            "fraction": None if needed is None or spent == 0 else needed / spent,
-            "grpo_train_seconds": grpo_seconds, "actor_critic_train_seconds": ac_seconds,
-            "time_fraction": None if ac_seconds is None or not grpo_seconds else ac_seconds / grpo_seconds}
 
 
 def time_methods(rows: list[dict], args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
@@ -358,133 +363,6 @@ def transferred(path: Path, pairs: list[tuple[str, str]]) -> dict[tuple[str, str
     return chosen
 
 
-def select(rows: list[dict], backbone: str, method: str, configs: list[str]) -> tuple[str, list[dict]]:
-    """The tuned protocol's choice: of one seed's grid runs of (backbone, method), the configuration with the best
-    accuracy at the budget all of them reached (ties: the best mean accuracy over the curve).
-
-    Returns the chosen label and one ``{"config", "budget", "accuracy", "curve_mean"}`` per configuration run.
-    """
-    curves = {c: mean_curve([r for r in rows if r["config"] == c], backbone, method) for c in configs}
-    curves = {c: curve for c, curve in curves.items() if curve}
-    if not curves:
-        raise RuntimeError(f"no grid run of {method} on {backbone} evaluated anything")
-    budget = min(curve[-1][0] for curve in curves.values())
-    table = []
-    for config, curve in curves.items():
-        points = [a for s, a, *_ in curve if s <= budget]
-        table.append({"config": config, "budget": budget, "accuracy": points[-1],
-                      "curve_mean": statistics.mean(points)})
-    best = max(table, key=lambda row: (row["accuracy"], row["curve_mean"]))
-    return best["config"], table
-
-
-def plot(rows: list[dict], backbones: list[str], methods: list[str], path: Path, task: str = "digits") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timed = any(math.isfinite(r.get("train_seconds", math.nan)) for r in rows)
-    fig, axes = plt.subplots(1 + timed, len(backbones), figsize=(5.5 * len(backbones), 4 * (1 + timed)),
-                             squeeze=False)
-    ylabel = "held-out accuracy (both digits right)" if task == "pairs" else "held-out alignment accuracy"
-    title = {"dit": "toy DiT (flow SDE)", "unet": "toy UNet (DDIM)"}
-    for ax, backbone in zip(axes[-1] if timed else (), backbones):  # the same curves against training time
-        for method in methods:
-            curve = time_curve(rows, backbone, method)
-            if curve:
-                ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", ms=3, label=METHODS[method])
-        ax.set_title(title.get(backbone, backbone) + ": vs training time")
-        ax.set_xlabel("training seconds (mean over seeds; evaluations not counted)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    for ax, backbone in zip(axes[0], backbones):
-        for method in methods:
-            curve = mean_curve(rows, backbone, method)
-            if not curve:
-                continue
-            xs = [c[0] for c in curve]
-            ax.plot(xs, [c[1] for c in curve], marker="o", ms=3, label=METHODS[method])
-            ax.fill_between(xs, [c[2] for c in curve], [c[3] for c in curve], alpha=0.2)
-        ax.set_title(title.get(backbone, backbone))
-        ax.set_xlabel("generated training samples")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def report(rows: list[dict], results: dict, backbones: list[str], methods: list[str], command: str,
-           machine: str, grid: dict | None = None) -> str:
-    """The markdown report of the selected runs (``rows``); ``grid``: ``{(backbone, method): select()'s table}``
-    of the tuned protocol, listed after the headline."""
-    groups = [c for c in ("accuracy_seen", "accuracy_unseen") if rows and c in rows[0]]  # the pair task's
-    lines = [f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}", "",
-             "| backbone | method | base acc | budget (samples) | acc at budget: mean over seeds | min–max | "
-             + "".join(f"{c.replace('accuracy_', '')} pairs: base → at budget | " for c in groups)
-             + "runs (complete) | last iteration | critic EV (end) | time per run (s) |",
-             "|---|---|---|---|---|---|" + "---|" * len(groups) + "---|---|---|---|"]
-    for backbone in backbones:
-        present = [m for m in methods if mean_curve(rows, backbone, m)]
-        if not present:
-            continue
-        budget = common_budget(rows, backbone, present)
-        for method in present:
-            curve = mean_curve(rows, backbone, method, budget)
-            at_budget = [r["accuracy"] for r in rows if r["backbone"] == backbone and r["method"] == method
-                         and r["samples"] == curve[-1][0]]
-            chosen = {r.get("config", "") for r in rows if r["backbone"] == backbone and r["method"] == method}
-            runs = [r for (b, m, _, c), r in results.items()
-                    if b == backbone and m == method and c in chosen and r["evals"]]
-            iters = "/".join(map(str, sorted({r["evals"][-1]["iteration"] for r in runs}))) or "—"
-            evs = [r["summary"]["final_explained_variance"] for r in runs
-                   if r["summary"] and r["summary"]["final_explained_variance"] is not None]
-            ev = f"{statistics.mean(evs):.2f}" if evs else "—"
-            timed = [r["wall_s"] for r in runs if not r.get("reused")]  # a reused run's time is in its own report
-            wall = f"{statistics.mean(timed):.0f}" if timed else "—"
-            complete = f"{len(runs)} ({sum(r['complete'] for r in runs)})" if runs else "—"
-            split = "".join(f"{group_mean(rows, backbone, method, c, curve[0][0]):.3f} → "
-                            f"{group_mean(rows, backbone, method, c, curve[-1][0]):.3f} | " for c in groups)
-            lines.append(f"| {backbone} | {METHODS[method]} | {curve[0][1]:.3f} | {curve[-1][0]} | "
-                         f"{curve[-1][1]:.3f} | {min(at_budget):.3f}–{max(at_budget):.3f} | {split}{complete} | "
-                         f"{iters} | {ev} | {wall} |")
-    lines += ["", "| backbone | GRPO final acc | GRPO samples | actor-critic samples to reach it | fraction | "
-              "GRPO training s | actor-critic s to reach it | time fraction |", "|---|---|---|---|---|---|---|---|"]
-    for backbone in backbones:
-        if "grpo" in methods and "actor_critic" in methods and mean_curve(rows, backbone, "grpo") \
-                and mean_curve(rows, backbone, "actor_critic"):
-            h = headline(rows, backbone)
-            reached = "not reached" if h["actor_critic_samples"] is None else f"{h['actor_critic_samples']:.0f}"
-            frac = "—" if h["fraction"] is None else f"{h['fraction']:.2f}"
-            secs = [("—" if h[k] is None else f"{h[k]:.0f}") for k in ("grpo_train_seconds", "actor_critic_train_seconds")]
-            if h["grpo_train_seconds"] is not None and h["actor_critic_train_seconds"] is None:
-                secs[1] = "not reached"
-            tfrac = "—" if h["time_fraction"] is None else f"{h['time_fraction']:.2f}"
-            lines.append(f"| {backbone} | {h['grpo_final']:.3f} | {h['grpo_samples']} | {reached} | {frac} | "
-                         f"{secs[0]} | {secs[1]} | {tfrac} |")
-    if grid:
-        lines += ["", "Tuned protocol: each method's grid on one seed; the chosen configuration (**bold**) ran on "
-                  "every seed.", "", "| backbone | method | configuration | budget | accuracy at budget | "
-                  "mean over the curve |", "|---|---|---|---|---|---|"]
-        for (backbone, method), table in grid.items():
-            ran = {r.get("config", "") for r in rows if r["backbone"] == backbone and r["method"] == method}
-            for row in table:
-                label = f"**{row['config']}**" if row["config"] in ran else row["config"]
-                lines.append(f"| {backbone} | {METHODS[method]} | {label} | {row['budget']} | {row['accuracy']:.3f} | "
-                             f"{row['curve_mean']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
-def group_mean(rows: list[dict], backbone: str, method: str, column: str, samples: int) -> float:
-    """Mean over seeds of ``column`` (e.g. the pair task's ``accuracy_unseen``) at ``samples``."""
-    values = [r[column] for r in rows if r["backbone"] == backbone and r["method"] == method
-              and r["samples"] == samples]
-    return statistics.mean(values) if values else math.nan
-
-
 def read_csv(path: Path) -> list[dict]:
     """Rows of a ``sample_efficiency.csv`` (to redo the report and plot of an earlier run)."""
     floats = ("accuracy", "reward", "accuracy_seen", "accuracy_unseen", "train_seconds")
@@ -515,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None,
                         help="stem of the result files (default: sample_efficiency, sample_efficiency_pairs; with "
                              "--report-from, the CSV's stem)")
-    parser.add_argument("--report-from", type=Path, default=None, metavar="CSV",
-                        help="no runs: redo the table, plot and headline from an earlier run's CSV")
+    parser.add_argument("--report-from", type=Path, nargs="+", default=None, metavar="CSV",
+                        help="no runs: redo the table, plot and headline from an earlier run's CSV; several CSVs "
+                             "(e.g. one per backbone) are merged into one result, <name>.{csv,json,md,png}")
     parser.add_argument("--quick", action="store_true", help="one seed, DiT only, 2 iterations, a tiny evaluation")
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                         help="tuned protocol: every method's grid on --tune-seed, then the best on every seed")
@@ -529,13 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds-per-iteration", nargs="+", default=[], metavar="METHOD=S",
                         help="training time per iteration measured apart (on a quiet machine): the time curves use "
                              "iteration x S instead of the runs' own clocks (which share the machine)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="each run writes its final state to checkpoints/last.ckpt in its run folder (e.g. for "
+                             "benchmarks.steering); by default runs write no checkpoint")
     parser.add_argument("--reuse", type=Path, default=None, metavar="CSV",
                         help="take the complete runs of an earlier CSV (same task, iterations and overrides) "
                              "instead of running them again")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
-    args.name = args.name or (args.report_from.stem if args.report_from else task.name)  # a redo keeps its stem
+    args.name = args.name or (args.report_from[0].stem if args.report_from else task.name)  # a redo keeps its stem
     args.eval_samples = args.eval_samples or task.eval_samples
     out_dir = Path(args.out) if args.out else RESULTS
     if args.quick:
@@ -550,13 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     tune_seed = args.seeds[0] if args.tune_seed is None else args.tune_seed
     grid, protocol = {}, None
     if args.report_from:
-        rows, results = read_csv(args.report_from), {}
-        earlier = args.report_from.with_suffix(".json")
-        previous = json.loads(earlier.read_text()) if earlier.is_file() else {}
-        machine = previous.get("machine", "see the CSV's run") + f"; report redone from {args.report_from.name}"
-        protocol = previous.get("protocol")
+        rows, results, machine, protocol = earlier_runs(args.report_from)
         if protocol:
             grid = {tuple(k.split("/")): v for k, v in protocol.get("grid_results", {}).items()}
+        if len(args.report_from) > 1:  # a merge is a result of its own: its CSV too
+            with (out_dir / f"{args.name}.csv").open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=csv_fields(args.task), extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
     else:
         pairs = [(b, m) for b in args.backbones for m in args.methods]
         start = time.time()
@@ -581,9 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{**row, "selected": int(c == chosen[b, m])} for (b, m, s, c), r in results.items()
                 for row in curve_rows(b, m, s, r, args.task, c)]
         with (out_dir / f"{args.name}.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["backbone", "method", "seed", "config", "selected", "iteration",
-                                                    "samples", "train_seconds", "accuracy", "reward",
-                                                    *(column for column, _ in task.extra)])
+            writer = csv.DictWriter(fh, fieldnames=csv_fields(args.task))
             writer.writeheader()
             writer.writerows(rows)
         machine = f"{platform.node()} ({os.cpu_count()} CPUs, accelerator={args.accelerator}"
@@ -610,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     headlines = [headline(rows, b) for b in backbones
                  if {"grpo", "actor_critic"} <= set(args.methods) and mean_curve(rows, b, "grpo")
                  and mean_curve(rows, b, "actor_critic")]
-    (out_dir / f"{args.name}{'_report' if args.report_from else ''}.json").write_text(json.dumps(
+    redo = args.report_from and len(args.report_from) == 1  # beside the run's own JSON, not over it
+    (out_dir / f"{args.name}{'_report' if redo else ''}.json").write_text(json.dumps(
         {"command": cmd, "machine": machine, "headline": headlines, "protocol": protocol,
          "runs": {"/".join(map(str, k)): {"complete": r["complete"], "wall_s": r["wall_s"], "evals": r["evals"],
                                           "final_explained_variance": (r["summary"] or {}).get(

@@ -1,10 +1,12 @@
 """The sample-efficiency benchmark's bookkeeping (its end-to-end --quick run is a slow test)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from benchmarks.sample_efficiency import headline, mean_curve, parse_log, samples_to_reach
+from benchmarks.curves import headline, mean_curve, samples_to_reach
+from benchmarks.sample_efficiency import parse_log
 
 
 def test_parse_log_reads_eval_lines_and_summary(tmp_path):
@@ -81,7 +83,7 @@ def _timed(method, points, seeds=(0, 1)):
 
 
 def test_headline_in_training_time_uses_each_method_s_own_seconds():
-    from benchmarks.sample_efficiency import headline, time_curve
+    from benchmarks.curves import headline, time_curve
 
     # the actor-critic reaches GRPO's 0.5 at 320 samples (fraction 0.5) but its iterations cost twice as much
     rows = _timed("actor_critic", [(0, 0.4, 0), (320, 0.5, 200), (640, 0.7, 400)]) + \
@@ -259,3 +261,105 @@ def test_reuse_takes_complete_earlier_runs_instead_of_running_them(tmp_path, mon
     assert se.main([*common[:-4], "--iterations", "3", "--out", str(tmp_path), "--seeds", "0", "--grid",
                     "actor_lr=1e-4", "--name", "u", "--reuse", str(tmp_path / "earlier.csv")]) == 0
     assert calls == [[("dit", "actor_critic", 0, "actor_lr=1e-4")]]
+
+
+def test_each_finished_run_is_kept_at_once_so_an_interrupted_benchmark_can_be_reused(tmp_path, monkeypatch):
+    import argparse
+    import sys
+
+    import benchmarks.sample_efficiency as se
+
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"eval_history": [{"samples_seen": 0}, {"samples_seen": 64}],
+                                   "eval_train_seconds": [0.0, 7.5]}))
+
+    def fake_command(backbone, method, seed, args, out_dir, config=""):
+        log = ("[eval base @ iteration 0, 0 samples] digit_alignment 0.400, digit_alignment_accuracy 0.410\n"
+               f"[eval final @ iteration 2, 64 samples] digit_alignment 0.500, digit_alignment_accuracy 0.{seed}5\n"
+               + (f"summary: {summary}\n" if seed == 0 else ""))  # seed 1 is stopped before it ends
+        return [sys.executable, "-c", f"import sys; sys.stdout.write({log!r})" + ("; sys.exit(1)" if seed else "")]
+
+    monkeypatch.setattr(se, "command", fake_command)
+    args = argparse.Namespace(threads=1, jobs=2, time_limit=0, task="digits", name="t")
+    jobs = [("dit", "grpo", 0, "actor_lr=1e-4"), ("dit", "grpo", 1, "actor_lr=1e-4")]
+    with pytest.raises(RuntimeError, match="failed"):  # the second run fails: the benchmark stops there
+        se.run_all(jobs, args, tmp_path)
+    progress = tmp_path / "runs" / "t_progress.csv"
+    reused = se.reused_results(progress, "digits", 2)
+    assert list(reused) == [("dit", "grpo", 0, "actor_lr=1e-4")]  # the complete run survived, the failed one not
+    assert [e["eval/digit_alignment_accuracy"] for e in reused[jobs[0]]["evals"]] == [0.41, 0.05]
+    assert [e["train_seconds"] for e in reused[jobs[0]]["evals"]] == [0.0, 7.5]
+    se.append_progress(progress, "digits", se.curve_rows("dit", "grpo", 0, reused[jobs[0]], "digits", jobs[0][3]))
+    assert len(se.reused_results(progress, "digits", 2)[jobs[0]]["evals"]) == 2  # a run kept twice is read once
+
+
+def test_runs_write_no_checkpoint_unless_kept():
+    import argparse
+
+    import yaml
+
+    from benchmarks.sample_efficiency import command
+
+    args = argparse.Namespace(task="digits", iterations=150, accelerator="cpu", eval_every=25, eval_samples=1,
+                              overrides=[])
+    plain = command("unet", "actor_critic", 0, args, Path("out"))
+    assert "--trainer.callbacks=[]" in plain and "--trainer.enable_checkpointing=false" in plain
+    kept = command("unet", "actor_critic", 0, argparse.Namespace(**vars(args), keep_checkpoints=True), Path("out"))
+    (callbacks,) = [a for a in kept if a.startswith("--trainer.callbacks=")]
+    assert "--trainer.enable_checkpointing=false" not in kept
+    assert yaml.safe_load(callbacks.split("=", 1)[1]) == [  # one write, at the end, named last.ckpt
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"every_n_epochs": 150, "filename": "last", "enable_version_counter": False}}]
+
+
+@pytest.mark.slow
+def test_a_kept_checkpoint_is_the_run_s_final_state(tmp_path):
+    import argparse
+    import os
+    import subprocess
+
+    import torch
+
+    from benchmarks.sample_efficiency import command
+
+    args = argparse.Namespace(task="digits", iterations=2, accelerator="cpu", eval_every=2, eval_samples=1,
+                              overrides=[], keep_checkpoints=True)
+    done = subprocess.run(command("dit", "grpo", 0, args, tmp_path), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (ckpt,) = (tmp_path / "runs").glob("grpo_dit_seed0/version_0/checkpoints/*.ckpt")
+    assert ckpt.name == "last.ckpt" and torch.load(ckpt, weights_only=False)["epoch"] == 1  # after iteration 2
+
+
+def test_report_from_several_csvs_merges_them_into_one_result(tmp_path, monkeypatch):
+    import benchmarks.sample_efficiency as se
+
+    def fake_run_all(jobs, args, out_dir, start=None):
+        return {job: {"evals": [{"label": "base", "iteration": 0, "samples": 0, "train_seconds": 0.0,
+                                 "eval/digit_alignment": 0.3, "eval/digit_alignment_accuracy": 0.3},
+                                {"label": "final", "iteration": 2, "samples": 64, "train_seconds": 10.0,
+                                 "eval/digit_alignment": 0.5, "eval/digit_alignment_accuracy":
+                                     0.5 + 0.1 * (job[3] == "actor_lr=1e-4") + 0.01 * job[2]}],
+                      "summary": {"final_explained_variance": 0.4 if job[1] == "actor_critic" else None},
+                      "wall_s": 100.0 + job[2], "complete": True}
+                for job in jobs}
+
+    monkeypatch.setattr(se, "run_all", fake_run_all)
+    monkeypatch.setattr(se, "plot", lambda *a, **k: None)
+    common = ["--methods", "actor_critic", "grpo", "--seeds", "0", "1", "--iterations", "2", "--out", str(tmp_path)]
+    for backbone in ("dit", "unet"):  # one tuned run per backbone, as a long benchmark is split
+        assert se.main([*common, "--backbones", backbone, "--grid", "actor_lr=1e-4,2e-4", "--name", backbone]) == 0
+    assert se.main([*common, "--report-from", str(tmp_path / "dit.csv"), str(tmp_path / "unet.csv"),
+                    "--name", "both"]) == 0
+    merged = json.loads((tmp_path / "both.json").read_text())
+    assert [h["backbone"] for h in merged["headline"]] == ["dit", "unet"]
+    assert merged["protocol"]["selected"] == {f"{b}/{m}": "actor_lr=1e-4" for b in ("dit", "unet")
+                                              for m in ("actor_critic", "grpo")}
+    assert len(merged["runs"]) == 2 * 2 * (2 + 1)  # per backbone and method: the grid on seed 0, the best on seed 1
+    assert len(se.read_csv(tmp_path / "both.csv")) == 2 * len(se.read_csv(tmp_path / "dit.csv"))
+    text = (tmp_path / "both.md").read_text()
+    assert "| unet | GRPO | 0.300 | 64 | 0.605 | 0.600–0.610 | 2 (2) | 2 | — | 100 |" in text  # runs from the JSONs
+    assert "| dit | actor-critic (ours) | 0.300 | 64 | 0.605 | 0.600–0.610 | 2 (2) | 2 | 0.40 | 100 |" in text
+    assert se.main([*common, "--backbones", "unet", "--grid", "actor_lr=1e-4,3e-4", "--name", "other"]) == 0
+    with pytest.raises(SystemExit, match="only runs of the same protocol merge"):
+        se.main([*common, "--report-from", str(tmp_path / "dit.csv"), str(tmp_path / "other.csv"), "--name", "x"])
