@@ -256,6 +256,11 @@ MUTANTS: list[Mutant] = [
         "order = torch.argsort(advantages.detach().abs(), dim=1, stable=True)[:, :kept]",
         _t("tests/test_ppo.py::test_advantage_pairs_keep_each_trajectory_s_largest_abs_advantages"),
         "step_selection='advantage' trains on the steps with the smallest |A| instead of the largest"),
+    Mutant("group_baseline_whole_batch", EST,
+        "out[members] = advantages[members] - advantages[members].mean(0)",
+        "out[members] = advantages[members] - advantages.mean(0)",
+        _t("tests/test_estimators.py::test_critic_gae_group_baseline_centres_each_step_on_its_prompt_group"),
+        "CriticGAE(group_baseline=True) centres on the batch mean instead of each prompt group's"),
 ]
 
 

@@ -102,28 +102,50 @@ class CriticGAE(AdvantageEstimator):
 
     With γ = λ = 1 (paper) ``A_k = R − V_k`` and the value target is ``R``.
 
+    ``group_baseline=True`` combines the critic with GRPO's groups (use it with ``samples_per_prompt = G > 1``):
+    each step's advantage is centred on its prompt group, ``Â_k^i = A_k^i − mean_{j ∈ g(i)} A_k^j`` (with γ = λ = 1:
+    ``(R^i − mean_g R) − (V_k^i − mean_g V_k)``). The group mean removes what the critic gets wrong for the prompt
+    as a whole — a critic lagging a fast-moving policy — and keeps what it says about this sample's state against
+    its group's. A group of one sample gets advantage 0, as in GRPO. The value targets are unchanged.
+
     Args:
         gamma: discount γ.
         lam: GAE λ.
         advantage_clip: clamp of the whitened, combined advantages (paper: 10).
         target_clip: clamp of the value targets (paper: 5).
         reward_normalization: see :class:`AdvantageEstimator`.
+        group_baseline: centre each step's advantages on the prompt group (see above).
     """
 
     uses_critic = True
 
     def __init__(self, gamma: float = 1.0, lam: float = 1.0, advantage_clip: float = 10.0,
-                 target_clip: float = 5.0, reward_normalization: str = "running") -> None:
+                 target_clip: float = 5.0, reward_normalization: str = "running",
+                 group_baseline: bool = False) -> None:
         super().__init__(advantage_clip, reward_normalization)
         if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
             raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
         self.gamma, self.lam, self.target_clip = gamma, lam, target_clip
+        self.group_baseline = group_baseline
 
     def __call__(self, rewards, values, prompts, weights, gather=None) -> Advantages:
         num_steps = values.shape[1]
         per_reward, targets = compute_gae(terminal_rewards(rewards, num_steps), values, self.gamma, self.lam)
+        if self.group_baseline:
+            per_reward = group_centred(per_reward, prompts)
         return Advantages(advantages=self.combine(per_reward, weights, gather),
                           targets=clip_advantages(targets, self.target_clip), per_reward=per_reward)
+
+
+def group_centred(advantages: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """``[B, …]`` advantages minus the mean of their prompt group (equal prompt strings), ``A^i − mean_{g(i)} A``;
+    a group of one sample gets 0."""
+    if len(prompts) != advantages.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {advantages.shape[0]} trajectories")
+    out = torch.empty_like(advantages)
+    for members in prompt_groups(prompts).values():
+        out[members] = advantages[members] - advantages[members].mean(0)
+    return out
 
 
 def prompt_groups(prompts: list[str]) -> dict[str, list[int]]:

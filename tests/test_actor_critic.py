@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_diffac.backbones.unet import UNetBackbone
-from lit_diffac.estimators import GroupRelative
+from lit_diffac.estimators import CriticGAE, GroupRelative
 from lit_diffac.evaluation import HeldOutEvaluation
 from lit_diffac.modules.actor_critic import LatentActorCritic
 from lit_diffac.rewards.base import CallableReward
@@ -198,6 +198,9 @@ def test_config_validation(unet_backbone):
         make_module(unet_backbone, step_selection="advantage", timestep_fraction=0.5, estimator=GroupRelative())
     with pytest.raises(ValueError, match="step_selection must be"):
         make_module(unet_backbone, step_selection="largest")
+    with pytest.raises(ValueError, match="group_baseline centres advantages on prompt groups"):
+        make_module(unet_backbone, estimator=CriticGAE(group_baseline=True))
+    make_module(unet_backbone, estimator=CriticGAE(group_baseline=True), samples_per_prompt=2)
     with pytest.raises(ValueError, match="unique"):
         make_module(unet_backbone, rewards=[CallableReward(_brightness, name="x"), CallableReward(_brightness, name="x")])
 

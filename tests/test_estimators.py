@@ -68,3 +68,23 @@ def test_validation():
         group_relative_advantages(torch.zeros(2, 1), ["a"])
     with pytest.raises(ValueError, match="gamma"):
         CriticGAE(gamma=2.0)
+
+
+def test_critic_gae_group_baseline_centres_each_step_on_its_prompt_group():
+    from lit_diffac.estimators import group_centred
+
+    rewards = torch.tensor([[1.0], [3.0], [5.0], [2.0]])
+    values = torch.tensor([[[0.5], [1.0]], [[1.5], [2.0]], [[4.0], [4.0]], [[0.0], [1.0]]])  # [B, K=2, R=1]
+    prompts = ["a", "a", "b", "c"]
+    plain = CriticGAE()(rewards, values, prompts, torch.ones(1))
+    grouped = CriticGAE(group_baseline=True)(rewards, values, prompts, torch.ones(1))
+    # A_k = R - V_k: a → [[0.5, 0], [1.5, 1]], centred per step → [[-0.5, -0.5], [0.5, 0.5]]; b, c alone → 0
+    expected = torch.tensor([[-0.5, -0.5], [0.5, 0.5], [0.0, 0.0], [0.0, 0.0]])
+    assert torch.allclose(grouped.per_reward[..., 0], expected)
+    assert torch.equal(grouped.targets, plain.targets)  # the critic's targets do not change
+    assert not torch.equal(grouped.advantages, plain.advantages)
+    naive = torch.stack([plain.per_reward[i] - plain.per_reward[[j for j, q in enumerate(prompts) if q == p]].mean(0)
+                         for i, p in enumerate(prompts)])
+    assert torch.allclose(group_centred(plain.per_reward, prompts), naive)
+    with pytest.raises(ValueError, match="3 prompts for 4"):
+        group_centred(plain.per_reward, prompts[:3])

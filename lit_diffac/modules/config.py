@@ -37,6 +37,9 @@ def check_config(module: Any, reward_weights: Sequence[float] | None, critic_rep
     if hp.samples_per_prompt < 1 or hp.batch_size % hp.samples_per_prompt:
         problems.append(f"batch_size ({hp.batch_size}) must be a multiple of samples_per_prompt "
                         f"({hp.samples_per_prompt})")
+    if getattr(module.estimator, "group_baseline", False) and hp.samples_per_prompt < 2:
+        problems.append("the estimator's group_baseline centres advantages on prompt groups: set samples_per_prompt "
+                        ">= 2 (with 1, every advantage is 0)")
     if hp.kl_form not in KL_FORMS:
         problems.append(f"kl_form must be one of {KL_FORMS} (got {hp.kl_form!r})")
     if hp.kl_coef < 0:
