@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side")
     parser.add_argument("--out", default=None, help="result name (default: the recipe's stem)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides, after --")
-    args = parser.parse_args(argv)
+    # argparse gives a ``nargs="*"`` positional its values right after the recipe, so overrides after ``--`` (which
+    # come after the options) would be refused: parse them apart
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.overrides += argv[cut + 1:]
     name = args.out or Path(args.recipe).stem
     RESULTS.mkdir(parents=True, exist_ok=True)
     def one(seed: int) -> dict:

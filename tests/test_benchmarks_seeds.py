@@ -17,3 +17,22 @@ def test_rows_and_table():
     assert "| 0 | 0.400 | 0.700 | +30.0 | 0.30 |" in text
     assert "| mean | 0.410 | 0.680 | +27.0 | 0.40 |" in text
     assert "| min | 0.400 | 0.660 | +24.0 |" in text
+
+
+def test_overrides_after_double_dash_reach_every_run(tmp_path, monkeypatch):
+    import benchmarks.seeds as seeds
+
+    calls = []
+
+    def fake_run_seed(recipe, seed, threads, overrides, out):
+        calls.append((recipe, seed, threads, list(overrides)))
+        return _summary(0.4, 0.6, 0.2)
+
+    monkeypatch.setattr(seeds, "run_seed", fake_run_seed)
+    monkeypatch.setattr(seeds, "RESULTS", tmp_path)
+    assert seeds.main(["recipes/toy/actor_critic_dit.yaml", "--seeds", "0", "1", "--threads", "1", "--out", "x", "--",
+                       "--model.init_args.actor_lr=1e-4", "--model.init_args.timestep_fraction=0.5"]) == 0
+    assert sorted(calls) == [("recipes/toy/actor_critic_dit.yaml", s, 1,
+                              ["--model.init_args.actor_lr=1e-4", "--model.init_args.timestep_fraction=0.5"])
+                             for s in (0, 1)]
+    assert "-- --model.init_args.actor_lr=1e-4" in (tmp_path / "x_seeds.md").read_text()
