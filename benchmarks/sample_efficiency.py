@@ -52,7 +52,9 @@ Each run that finishes is also appended to ``runs/<name>_progress.csv`` at once,
 ``--time-limit`` stops runs still going (their curves end early and the comparison uses the budget all runs
 reached); ``--report-from CSV`` redoes the table, plot and headline of an earlier run without running anything.
 ``--report-from A.csv B.csv …`` merges runs of the same protocol (e.g. one tuned run per backbone, run one after
-the other) into one result, ``<name>.{csv,json,md,png}``, as if they had run as one.
+the other) into one result, ``<name>.{csv,json,md,png}``, as if they had run as one; a later CSV's runs of a
+(backbone, method) replace an earlier one's (a method's variant, run apart with its own overrides, against the
+others).
 ``--quick`` (one seed, DiT only, 2 iterations, a tiny evaluation, written under ``results/quick/``) checks the
 pipeline end to end in about a minute; a test runs it.
 """
@@ -289,10 +291,14 @@ def earlier_runs(paths: list[Path]) -> tuple[list[dict], dict, str, dict | None]
     """``--report-from``: the rows of earlier CSVs, their runs as :func:`run_all` returns them (from each CSV's
     JSON, where there is one), the machine line and the tuning protocol, merged over ``paths``.
 
-    Merged protocols must be the same experiment (grid, tuning seed, transferred source); their choices are joined."""
+    Merged protocols must be the same experiment (grid, tuning seed, transferred source); their choices are joined.
+    A later CSV's runs of a (backbone, method) replace an earlier one's (e.g. a method variant run on its own)."""
     rows, results, machines, protocol = [], {}, [], None
     for path in paths:
-        rows += read_csv(path)
+        theirs_rows = read_csv(path)
+        replaced = {(r["backbone"], r["method"]) for r in theirs_rows}
+        rows = [r for r in rows if (r["backbone"], r["method"]) not in replaced] + theirs_rows
+        results = {job: r for job, r in results.items() if job[:2] not in replaced}
         earlier = path.with_suffix(".json")
         previous = json.loads(earlier.read_text()) if earlier.is_file() else {}
         machines.append(previous.get("machine", f"see {path.name}'s run"))

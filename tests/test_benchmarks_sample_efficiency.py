@@ -360,6 +360,15 @@ def test_report_from_several_csvs_merges_them_into_one_result(tmp_path, monkeypa
     text = (tmp_path / "both.md").read_text()
     assert "| unet | GRPO | 0.300 | 64 | 0.605 | 0.600–0.610 | 2 (2) | 2 | — | 100 |" in text  # runs from the JSONs
     assert "| dit | actor-critic (ours) | 0.300 | 64 | 0.605 | 0.600–0.610 | 2 (2) | 2 | 0.40 | 100 |" in text
+    # a variant of one method, run apart, replaces that method's runs when it comes later
+    assert se.main([*common[3:], "--methods", "grpo", "--backbones", "dit", "--grid", "actor_lr=1e-4,2e-4",
+                    "--name", "variant"]) == 0
+    assert se.main([*common, "--report-from", str(tmp_path / "dit.csv"), str(tmp_path / "variant.csv"),
+                    "--name", "swapped"]) == 0
+    swapped = se.read_csv(tmp_path / "swapped.csv")
+    assert len(swapped) == len(se.read_csv(tmp_path / "dit.csv"))  # GRPO's rows swapped, not added
+    assert {k.split("/")[1] for k in json.loads((tmp_path / "swapped.json").read_text())["runs"]} == {
+        "actor_critic", "grpo"}
     assert se.main([*common, "--backbones", "unet", "--grid", "actor_lr=1e-4,3e-4", "--name", "other"]) == 0
     with pytest.raises(SystemExit, match="only runs of the same protocol merge"):
         se.main([*common, "--report-from", str(tmp_path / "dit.csv"), str(tmp_path / "other.csv"), "--name", "x"])
