@@ -261,9 +261,9 @@ def test_optimizer_and_schedule_come_from_the_recipe(tmp_path: Path, monkeypatch
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     groups = [state["param_groups"][0] for state in ckpt["optimizer_states"]]
     assert [g["momentum"] for g in groups] == [0.9, 0.9] and "betas" not in groups[0]  # SGD, not AdamW
-    assert [g["lr"] for g in groups] == [5e-5 * 0.25, 1e-3 * 0.25]  # two steps of the schedule
+    assert [g["lr"] for g in groups] == [1e-4 * 0.25, 1e-3 * 0.25]  # two steps of the schedule (recipe: 1e-4)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
-    assert [e.value for e in events.Scalars("train/actor_lr")] == pytest.approx([5e-5, 2.5e-5])
+    assert [e.value for e in events.Scalars("train/actor_lr")] == pytest.approx([1e-4, 5e-5])
