@@ -246,6 +246,14 @@ def csv_fields(task: str) -> list[str]:
             "reward", *(column for column, _ in TASKS[task].extra)]
 
 
+def write_csv(path: Path, task: str, rows: list[dict]) -> None:
+    """``<name>.csv``: one row per evaluation, the columns of :func:`csv_fields`."""
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=csv_fields(task), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def append_progress(path: Path, task: str, rows: list[dict]) -> None:
     """Add a finished run's rows to the progress file, so that an interrupted benchmark loses no complete run:
     ``--reuse runs/<name>_progress.csv`` takes them up again."""
@@ -309,7 +317,7 @@ def earlier_runs(paths: list[Path]) -> tuple[list[dict], dict, str, dict | None]
                 "summary": {"final_explained_variance": run.get("final_explained_variance")}}
         theirs = previous.get("protocol")
         if protocol is None or theirs is None:
-            protocol = protocol or (json.loads(json.dumps(theirs)) if theirs else None)
+            protocol = protocol or theirs
             continue
         for key in ("grid", "tune_seed", "configs", "transferred_from"):
             if protocol.get(key) != theirs.get(key):
@@ -442,10 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         if protocol:
             grid = {tuple(k.split("/")): v for k, v in protocol.get("grid_results", {}).items()}
         if len(args.report_from) > 1:  # a merge is a result of its own: its CSV too
-            with (out_dir / f"{args.name}.csv").open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=csv_fields(args.task), extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(out_dir / f"{args.name}.csv", args.task, rows)
     else:
         pairs = [(b, m) for b in args.backbones for m in args.methods]
         start = time.time()
@@ -469,10 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                             "selected": {f"{b}/{m}": c for (b, m), c in chosen.items()}}
         rows = [{**row, "selected": int(c == chosen[b, m])} for (b, m, s, c), r in results.items()
                 for row in curve_rows(b, m, s, r, args.task, c)]
-        with (out_dir / f"{args.name}.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=csv_fields(args.task))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(out_dir / f"{args.name}.csv", args.task, rows)
         machine = f"{platform.node()} ({os.cpu_count()} CPUs, accelerator={args.accelerator}"
         if args.accelerator == "gpu":
             import torch

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(one, args.seeds))
-    command = "python -m benchmarks.seeds " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.seeds " + " ".join(argv)
     header = (f"`{command}` — {platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), "
               f"{time.strftime('%Y-%m-%d')}, OMP_NUM_THREADS={args.threads}, {args.jobs} run(s) at a time\n\n")
     (RESULTS / f"{name}_seeds.md").write_text(header + table(rows) + "\n")
