@@ -62,7 +62,7 @@ def test_sample_efficiency_benchmark_quick(tmp_path):
 
     assert se.main(["--quick", "--jobs", "3", "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "sample_efficiency.csv").read_text().splitlines()
-    assert rows[0] == "backbone,method,seed,iteration,samples,accuracy,reward"
+    assert rows[0] == "backbone,method,seed,config,selected,iteration,samples,train_seconds,accuracy,reward"
     assert {r.split(",")[1] for r in rows[1:]} == {"actor_critic", "grpo", "ddpo"}
     assert (tmp_path / "sample_efficiency.png").is_file()
     assert "actor-critic samples to reach it" in (tmp_path / "sample_efficiency.md").read_text()
@@ -93,7 +93,8 @@ def test_sample_efficiency_benchmark_quick_on_the_pair_task(tmp_path):
     assert se.main(["--task", "pairs", "--quick", "--methods", "actor_critic", "grpo", "--jobs", "2",
                     "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "sample_efficiency_pairs.csv").read_text().splitlines()
-    assert rows[0] == "backbone,method,seed,iteration,samples,accuracy,reward,accuracy_seen,accuracy_unseen"
+    assert rows[0] == ("backbone,method,seed,config,selected,iteration,samples,train_seconds,accuracy,reward,"
+                       "accuracy_seen,accuracy_unseen")
     report = json.loads((tmp_path / "sample_efficiency_pairs.json").read_text())
     assert report["headline"][0]["backbone"] == "dit"
     assert "unseen pairs" in (tmp_path / "sample_efficiency_pairs.md").read_text()
