@@ -8,13 +8,16 @@ Runs ``lit-diffac`` recipes in subprocesses and writes ``benchmarks/results/<NAM
 
 1. value pretraining for 0 / short / long iterations before PPO → final held-out alignment, explained variance;
 2. value head with vs without timestep conditioning → explained variance (overall, early, late) and alignment;
-3. reward hacking: brightness alone vs brightness + digit alignment (one head per reward, or one head on the
-   sum) → final brightness and held-out alignment accuracy;
+3. reward hacking: brightness alone vs brightness + digit alignment at weights 1 : w (``--weights``; one head per
+   reward, or one head on the weighted sum) → final brightness and held-out alignment accuracy;
 4. test-time steering scale sweep on the trained policy vs best-of-N at equal backbone compute.
 
 ``--task pairs`` runs the same comparisons on the two-digit task (``recipes/toy_pairs/actor_critic_dit.yaml``; the
 value-pretraining and multi-reward recipes of the digits task with the pair model, prompts and judge swapped in;
 default results ``extensions_pairs``); its alignment columns are then the pair accuracy (both digits right).
+
+``--report-from A.csv B.csv`` rebuilds the table from earlier runs (e.g. one process per seed, run side by side:
+runs are deterministic for a seed and thread count, so this is what ``--seeds`` in one process gives).
 
 ``--quick`` shrinks everything (2 iterations, tiny batches) to check the pipeline; its numbers mean nothing.
 """
@@ -84,15 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain", type=int, nargs=2, default=[15, 60], help="short and long value pretraining")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 3.0, 10.0],
+                        help="reward hacking: alignment weights w of brightness : alignment = 1 : w")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS),
                         help="which comparisons to run (default: all)")
     parser.add_argument("--out", default=None,
                         help="stem of the result files in benchmarks/results/ (default: extensions, extensions_pairs)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report-from", nargs="+", type=Path, metavar="CSV",
+                        help="no runs: one table (mean rows per variant) from earlier runs' CSVs, e.g. one per seed "
+                             "run side by side")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
     args.out = args.out or ("extensions" if args.task == "digits" else "extensions_pairs")
+    if args.report_from:
+        write([row for path in args.report_from for row in read_rows(path)], args, 0.0)
+        return 0
     recipe, swap, metric = task["recipe"], task["swap"], task["metric"]
     judge_only = [f"--model.init_args.rewards=[{task['judge']}]"] if args.task != "digits" else []
     # the multi-reward recipe's rewards and evaluation, for the task (digits: as the recipe has them)
@@ -134,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             bright_only = [*ac, "--model.init_args.rewards=[{class_path: lit_diffac.rewards.Brightness}]",
                            f"--model.init_args.evaluation.init_args.rewards=[{task['judge']}]"]
             record("reward_hacking", "brightness only", run(recipe, bright_only, args))
-            record("reward_hacking", "brightness + alignment, one head per reward", run(MULTI, [*multi, *ac], args))
-            record("reward_hacking", "brightness + alignment, one head on the sum",
-                   run(MULTI, [*multi, *ac, "--model.init_args.value_per_reward=false"], args))
+            for w in args.weights:  # brightness : alignment = 1 : w
+                weights = [*multi, *ac, f"--model.init_args.reward_weights=[1.0, {w}]"]
+                record("reward_hacking", f"1:{w:g}, one head per reward", run(MULTI, weights, args))
+                record("reward_hacking", f"1:{w:g}, one head on the sum",
+                       run(MULTI, [*weights, "--model.init_args.value_per_reward=false"], args))
         # 4: steering sweep and best-of-N on the trained policy (the value-pretraining-0 run).
         if "steering" in args.groups:
             ckpt = Path(base["log_dir"]) / "checkpoints" / "last.ckpt"
@@ -195,6 +208,23 @@ def write(rows: list[dict], args, seconds: float) -> None:
     if any(r["variant"].startswith("steer") for r in rows):
         plot(rows, RESULTS / f"{args.out}_steering.png")
     print("\n".join(lines))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's CSV, numbers as numbers and empty cells as ``None``."""
+
+    def value(key: str, cell: str):
+        if cell == "":
+            return None
+        if key == "seed":
+            return int(cell)
+        try:
+            return float(cell)
+        except ValueError:
+            return cell
+
+    with path.open(newline="") as fh:
+        return [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def _fmt(v) -> str:

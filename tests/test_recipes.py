@@ -63,3 +63,17 @@ def test_toy_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
 
 def test_every_recipe_family_is_covered():
     assert all(_kind(r) for r in (RECIPES / "toy").glob("*.yaml"))
+
+
+def test_multi_reward_recipe_is_the_main_recipe_with_two_rewards():
+    """The reward-hacking comparison runs the main recipe's critic scheme (replay, critic-chosen steps, lr)."""
+    import yaml
+
+    main_ = yaml.safe_load((RECIPES / "toy" / "actor_critic_dit.yaml").read_text())["model"]
+    multi = yaml.safe_load((RECIPES / "toy" / "multi_reward_dit.yaml").read_text())["model"]
+    assert multi["class_path"] == "lit_diffac.modules.MultiRewardActorCritic"
+    m, d = multi["init_args"], main_["init_args"]
+    assert [r["class_path"] for r in m["rewards"]] == ["lit_diffac.rewards.Brightness", *(
+        r["class_path"] for r in d["rewards"])]
+    own = {"rewards", "reward_weights", "value_per_reward"}
+    assert {k: v for k, v in m.items() if k not in own} == {k: v for k, v in d.items() if k != "rewards"}
