@@ -20,16 +20,10 @@ from PIL import Image
 
 
 def svm_judge():
-    from sklearn.svm import SVC
+    """``(svm, held-out accuracy on real digits)``: :func:`lit_diffac.rewards.toy.fit_independent_judge`."""
+    from lit_diffac.rewards.toy import fit_independent_judge
 
-    from lit_diffac.toy.digits import load_digits
-
-    def features(images):  # [N, 1, 8, 8] in [-1, 1] → sklearn's 0..16 scale
-        return ((images[:, 0].reshape(len(images), -1) + 1) / 2 * 16).numpy()
-
-    train, heldout = load_digits("train", 8), load_digits("heldout", 8)
-    svm = SVC(gamma=0.001, C=10.0).fit(features(train.images), train.labels.numpy())
-    return svm, float((svm.predict(features(heldout.images)) == heldout.labels.numpy()).mean())
+    return fit_independent_judge()
 
 
 def judge_folder(svm, folder: Path) -> dict:

@@ -41,26 +41,34 @@ def run_seed(recipe: str, seed: int, threads: int, overrides: list[str], save_di
     return summary
 
 
+INDEPENDENT = "eval/independent_judge_accuracy"
+
+
 def row(seed: int, s: dict) -> dict:
-    acc = next(k for k in s["final"] if k.endswith("_accuracy"))
+    acc = next(k for k in s["final"] if k.endswith("_accuracy") and k != INDEPENDENT)
     train = s["final_train"]
     return {"seed": seed, "base": s["base"][acc], "final": s["final"][acc], "gain": s["final"][acc] - s["base"][acc],
+            "independent_base": s["base"].get(INDEPENDENT), "independent": s["final"].get(INDEPENDENT),
             "ev": s["final_explained_variance"], "ev_early": train.get("train/explained_variance_early"),
             "ev_late": train.get("train/explained_variance_late"), "samples": s["samples_seen"],
             "fit_s": s["wall_time_s"], "process_s": s["process_wall_time_s"]}
 
 
 def table(rows: list[dict]) -> str:
-    head = "| seed | base acc | final acc | gain (pts) | EV | EV early | EV late | samples | fit time (s) | process time (s) |"
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {r['base']:.3f} | {r['final']:.3f} | {100 * r['gain']:+.1f} | {r['ev']:.2f} | "
-                     f"{r['ev_early']:.2f} | {r['ev_late']:.2f} | {r['samples']} | {r['fit_s']:.0f} | {r['process_s']:.0f} |")
-    for name, fn in (("mean", statistics.mean), ("min", min), ("max", max)):
-        agg = {k: fn([r[k] for r in rows]) for k in ("base", "final", "gain", "ev", "ev_early", "ev_late", "fit_s",
-                                                      "process_s")}
-        lines.append(f"| {name} | {agg['base']:.3f} | {agg['final']:.3f} | {100 * agg['gain']:+.1f} | {agg['ev']:.2f} | "
-                     f"{agg['ev_early']:.2f} | {agg['ev_late']:.2f} | | {agg['fit_s']:.0f} | {agg['process_s']:.0f} |")
+    """Markdown table of :func:`row` dicts with mean / min / max rows; the independent judge's columns
+    (``IndependentDigitJudge`` in the recipe's evaluation) when every run has them."""
+    judged = all(r.get("independent") is not None for r in rows)
+    head = "| seed | base acc | final acc | gain (pts) |" + (" independent judge: base / final |" if judged else "") + \
+        " EV | EV early | EV late | samples | fit time (s) | process time (s) |"
+    lines = [head, "|" + "---|" * (11 if judged else 10)]
+    keys = ("base", "final", "gain", *(("independent_base", "independent") if judged else ()), "ev", "ev_early",
+            "ev_late", "fit_s", "process_s")
+    aggregates = [(name, {k: fn([r[k] for r in rows]) for k in keys})
+                  for name, fn in (("mean", statistics.mean), ("min", min), ("max", max))]
+    for label, r, samples in [*((r["seed"], r, r["samples"]) for r in rows), *((n, a, "") for n, a in aggregates)]:
+        judge = f" {r['independent_base']:.3f} / {r['independent']:.3f} |" if judged else ""
+        lines.append(f"| {label} | {r['base']:.3f} | {r['final']:.3f} | {100 * r['gain']:+.1f} |{judge} {r['ev']:.2f} | "
+                     f"{r['ev_early']:.2f} | {r['ev_late']:.2f} | {samples} | {r['fit_s']:.0f} | {r['process_s']:.0f} |")
     return "\n".join(lines)
 
 

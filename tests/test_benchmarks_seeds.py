@@ -36,3 +36,21 @@ def test_overrides_after_double_dash_reach_every_run(tmp_path, monkeypatch):
                               ["--model.init_args.actor_lr=1e-4", "--model.init_args.timestep_fraction=0.5"])
                              for s in (0, 1)]
     assert "-- --model.init_args.actor_lr=1e-4" in (tmp_path / "x_seeds.md").read_text()
+
+
+def test_the_independent_judge_gets_its_columns_and_never_stands_in_for_the_reward():
+    def judged(base, final, independent):
+        s = _summary(base, final, 0.3)
+        # the judge's key first: the reward's accuracy must still be the one reported as "final acc"
+        s["base"] = {"eval/independent_judge_accuracy": 0.43, **s["base"]}
+        s["final"] = {"eval/independent_judge_accuracy": independent, **s["final"]}
+        return s
+
+    rows = [row(0, judged(0.40, 0.80, 0.48)), row(1, judged(0.40, 0.70, 0.66))]
+    assert rows[0]["final"] == 0.80 and rows[0]["independent"] == 0.48
+    text = table(rows)
+    assert "independent judge: base / final" in text.splitlines()[0]
+    assert "| 0 | 0.400 | 0.800 | +40.0 | 0.430 / 0.480 | 0.30 |" in text
+    assert "| mean | 0.400 | 0.750 | +35.0 | 0.430 / 0.570 | 0.30 |" in text
+    # a run without the judge (an older recipe) leaves the columns out for the whole table
+    assert "independent" not in table([rows[0], row(2, _summary(0.4, 0.6, 0.2))])

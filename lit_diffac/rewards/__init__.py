@@ -14,7 +14,7 @@ from typing import Any
 
 from lit_diffac.rewards.base import CallableReward, Reward, RewardFn, as_reward
 from lit_diffac.rewards.image import Brightness, JpegCompressibility, JpegIncompressibility
-from lit_diffac.rewards.toy import DigitAlignment, PairAlignment
+from lit_diffac.rewards.toy import DigitAlignment, IndependentDigitJudge, PairAlignment
 
 #: Lazily imported public names → their module.
 _LAZY = {
@@ -42,6 +42,7 @@ __all__ = [
     "JpegIncompressibility",
     # toy world
     "DigitAlignment",
+    "IndependentDigitJudge",
     "PairAlignment",
     # published scorers (local weights) and remote scoring
     *_LAZY,
