@@ -6,6 +6,10 @@
 Runs ``lit-diffac`` recipes in subprocesses and writes ``benchmarks/results/<NAME>.{csv,md}`` (default
 ``extensions``; with several seeds, a mean row per variant) and ``<NAME>_steering.png``:
 
+Each run's final held-out alignment is reported by the task's judge (the reward's CNN) and, on the digits task, by
+the independent judge the recipes evaluate with (``independent_acc``: an SVM on the 8×8 digits; a gap between the
+two is a policy that learned the CNN):
+
 1. value pretraining for 0 / short / long iterations before PPO → final held-out alignment, explained variance;
 2. value head with vs without timestep conditioning → explained variance (overall, early, late) and alignment;
 3. reward hacking: brightness alone vs brightness + digit alignment at weights 1 : w (``--weights``; one head per
@@ -74,7 +78,8 @@ def run(recipe: str, overrides: list[str], cfg) -> dict:
 
 def fields(summary: dict, metric: str = "digit_alignment") -> dict:
     final, train = summary["final"], summary["final_train"]
-    return {"alignment_acc": final.get(f"eval/{metric}_accuracy"), "brightness": final.get("eval/brightness"),
+    return {"alignment_acc": final.get(f"eval/{metric}_accuracy"),
+            "independent_acc": final.get("eval/independent_judge_accuracy"), "brightness": final.get("eval/brightness"),
             "ev": summary["final_explained_variance"], "ev_early": train.get("train/explained_variance_early"),
             "ev_late": train.get("train/explained_variance_late"), "fit_s": summary["wall_time_s"]}
 
@@ -142,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                    run(recipe, [*ac, "--model.init_args.value_head.init_args.timestep_conditioning=false"], args))
         # 3: reward hacking.
         if "reward_hacking" in args.groups:
+            judges = task["judge"] + (", {class_path: lit_diffac.rewards.IndependentDigitJudge}"
+                                      if args.task == "digits" else "")
             bright_only = [*ac, "--model.init_args.rewards=[{class_path: lit_diffac.rewards.Brightness}]",
-                           f"--model.init_args.evaluation.init_args.rewards=[{task['judge']}]"]
+                           f"--model.init_args.evaluation.init_args.rewards=[{judges}]"]
             record("reward_hacking", "brightness only", run(recipe, bright_only, args))
             for w in args.weights:  # brightness : alignment = 1 : w
                 weights = [*multi, *ac, f"--model.init_args.reward_weights=[1.0, {w}]"]
@@ -188,8 +195,10 @@ def write(rows: list[dict], args, seconds: float) -> None:
         writer.writeheader()
         writer.writerows(rows)
     command = ("python -m benchmarks.extensions " + " ".join(sys.argv[1:])).strip()
-    lines = [f"`{command}` — {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}, "
-             f"OMP_NUM_THREADS={args.threads}, {seconds / 60:.0f} min", ""]
+    sources = getattr(args, "report_from", None)
+    how = (f"a table of the runs in {', '.join(str(p) for p in sources)} (their own headers give threads "
+           "and time)" if sources else f"OMP_NUM_THREADS={args.threads}, {seconds / 60:.0f} min")
+    lines = [f"`{command}` — {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}, {how}", ""]
     for group in dict.fromkeys(r["group"] for r in rows):
         sub = [r for r in rows if r["group"] == group]
         cols = [k for k in keys if k not in ("group",) and any(r.get(k) is not None for r in sub)]
