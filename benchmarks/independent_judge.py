@@ -4,7 +4,8 @@
     lit-diffac sample --config recipes/toy/actor_critic_dit.yaml --ckpt runs/.../last.ckpt --samples-per-prompt 5 --out trained/
     python -m benchmarks.independent_judge base/ trained/
 
-The second judge is an RBF support-vector classifier on the original 8×8 digits (train split; a different
+The second judge is an RBF support-vector classifier on the original 8×8 digits (train split; shipped as
+``lit_diffac/toy/assets/svm-judge.safetensors``, refitted by ``python -m lit_diffac.toy.svm_judge``; a different
 model family, resolution and training procedure than the CNN the policy was optimised against).  For each
 folder written by ``lit-diffac sample`` it prints the CNN's and the SVM's alignment accuracy.
 """
@@ -20,22 +21,26 @@ from PIL import Image
 
 
 def svm_judge():
-    """``(svm, held-out accuracy on real digits)``: :func:`lit_diffac.rewards.toy.fit_independent_judge`."""
-    from lit_diffac.rewards.toy import fit_independent_judge
+    """``(judge, held-out accuracy on real digits)``: the shipped :class:`lit_diffac.toy.svm_judge.SVMJudge`."""
+    from lit_diffac.toy.svm_judge import SVMJudge
 
-    return fit_independent_judge()
+    judge = SVMJudge()
+    return judge, judge.heldout_accuracy
 
 
 def judge_folder(svm, folder: Path) -> dict:
+    """The CNN's accuracy (from ``rewards.json``) and the SVM's on the PNGs of a ``lit-diffac sample`` folder."""
+    import torch
+
     from lit_diffac.toy.prompts import digit_of
 
     report = json.loads((folder / "rewards.json").read_text())
     grey = np.stack([np.asarray(Image.open(folder / r["file"]), dtype=np.float32).mean(-1) / 255.0
                      for r in report["images"]])                       # [N, 16, 16] in [0, 1]
-    small = grey.reshape(len(grey), 8, 2, 8, 2).mean(axis=(2, 4)).reshape(len(grey), -1) * 16
-    digits = np.array([digit_of(r["prompt"]) for r in report["images"]])
+    small = grey.reshape(len(grey), 1, 8, 2, 8, 2).mean(axis=(3, 5)) * 2 - 1     # [N, 1, 8, 8] in [-1, 1]
+    digits = torch.tensor([digit_of(r["prompt"]) for r in report["images"]])
     return {"folder": str(folder), "samples": len(digits), "cnn_accuracy": report["mean"]["digit_alignment_accuracy"],
-            "svm_accuracy": float((svm.predict(small) == digits).mean())}
+            "svm_accuracy": float((svm.predict(torch.from_numpy(small)) == digits).double().mean())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,3 +53,22 @@ def test_evaluation_reports_the_independent_judge_beside_the_reward(dit_backbone
     metrics = evaluation.measure(dit_backbone, sampler, [digit_reward])
     assert {"eval/digit_alignment_accuracy", "eval/independent_judge", "eval/independent_judge_accuracy"} <= set(metrics)
     assert metrics["eval/independent_judge_accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}
+
+
+def test_shipped_svm_votes_exactly_as_scikit_learn_fitted_the_same_way():
+    """The torch one-vs-one vote over the shipped support vectors = sklearn's SVC.predict, on real digits, noise
+    and CNN-style artefacts (stripes); refitting reproduces the shipped asset's held-out accuracy."""
+    from sklearn.svm import SVC
+
+    from lit_diffac.toy.svm_judge import GAMMA, C, SVMJudge, features
+
+    judge = SVMJudge()
+    train, heldout = load_digits("train", 8), load_digits("heldout", 8)
+    reference = SVC(gamma=GAMMA, C=C).fit(features(train.images).numpy(), train.labels.numpy())
+    generator = torch.Generator().manual_seed(0)
+    stripes = torch.zeros(50, 1, 8, 8)
+    stripes[:, :, :, ::2] = torch.rand(50, 1, 8, 1, generator=generator) * 2 - 1
+    probes = torch.cat([heldout.images, torch.rand(200, 1, 8, 8, generator=generator) * 2 - 1, stripes])
+    assert torch.equal(judge.predict(probes), torch.as_tensor(reference.predict(features(probes).numpy())))
+    assert judge.heldout_accuracy == float((reference.predict(features(heldout.images).numpy())
+                                            == heldout.labels.numpy()).mean()) > 0.99

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from lit_diffac.rewards.base import Reward
 from lit_diffac.toy.classifier import DigitClassifier
 from lit_diffac.toy.pairs import is_unseen, pair_of
 from lit_diffac.toy.prompts import digit_of
+from lit_diffac.toy.svm_judge import SVMJudge
 
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parent.parent / "toy" / "assets" / "digit-classifier"
 
@@ -50,29 +50,11 @@ class DigitAlignment(Reward):
         return (self._probs(images).argmax(-1) == digits).float()
 
 
-@lru_cache(maxsize=1)
-def fit_independent_judge():
-    """``(svm, held-out accuracy)``: an RBF support-vector classifier (``gamma=0.001, C=10``) fitted on the train
-    split of the original 8×8 digits, and its accuracy on the held-out split (99.4 %). Deterministic; fitted once
-    per process (about a second)."""
-    from sklearn.svm import SVC
-
-    from lit_diffac.toy.digits import load_digits
-
-    train, heldout = load_digits("train", 8), load_digits("heldout", 8)
-    svm = SVC(gamma=0.001, C=10.0).fit(svm_features(train.images), train.labels.numpy())
-    return svm, float((svm.predict(svm_features(heldout.images)) == heldout.labels.numpy()).mean())
-
-
-def svm_features(grey: torch.Tensor):
-    """``[N, 1, 8, 8]`` grey digits in [-1, 1] → ``[N, 64]`` numpy features on scikit-learn's 0..16 scale."""
-    return ((grey[:, 0].reshape(len(grey), -1).float() + 1) / 2 * 16).cpu().numpy()
-
-
 class IndependentDigitJudge(Reward):
     """A second digit judge for the toy task, to tell alignment from hacking the reward's classifier.
 
-    An RBF support-vector classifier on the original 8×8 digits (:func:`fit_independent_judge`): another model
+    An RBF support-vector classifier on the original 8×8 digits (:class:`~lit_diffac.toy.svm_judge.SVMJudge`, shipped
+    with the package, 99.4 % on real held-out digits; no scikit-learn needed to run it): another model
     family, resolution and training procedure than the CNN of :class:`DigitAlignment`, which a policy trained on that
     reward can learn to fool (images the CNN reads as the prompted digit and no person would). Images are averaged to
     grey and 2×2-pooled to 8×8. ``score`` and :meth:`accuracy` are both 1 where the SVM's class is the prompted digit,
@@ -87,14 +69,14 @@ class IndependentDigitJudge(Reward):
 
     def __init__(self, name: str | None = None, batch_size: int | None = None, device: str | None = None) -> None:
         super().__init__(name=name, batch_size=batch_size, device=device)
-        self.svm, self.heldout_accuracy = fit_independent_judge()
+        self.svm = SVMJudge()
+        self.heldout_accuracy = self.svm.heldout_accuracy
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """``[B]`` long: the SVM's digit for images ``[B, C, H, W]`` in [0, 1]."""
         grey = images.float().mean(dim=1, keepdim=True)
-        small = F.adaptive_avg_pool2d(grey, 8) * 2.0 - 1.0
-        return torch.as_tensor(self.svm.predict(svm_features(small)), device=images.device)
+        return self.svm.predict(F.adaptive_avg_pool2d(grey, 8) * 2.0 - 1.0).to(images.device)
 
     def score(self, images: torch.Tensor, prompts: list[str], **metadata) -> torch.Tensor:
         return self.accuracy(images, prompts)
