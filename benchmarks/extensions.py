@@ -21,7 +21,8 @@ value-pretraining and multi-reward recipes of the digits task with the pair mode
 default results ``extensions_pairs``); its alignment columns are then the pair accuracy (both digits right).
 
 ``--report-from A.csv B.csv`` rebuilds the table from earlier runs (e.g. one process per seed, run side by side:
-runs are deterministic for a seed and thread count, so this is what ``--seeds`` in one process gives).
+runs are deterministic for a seed, thread count and CPU, so this is what ``--seeds`` in one process gives); a row
+of the same group, variant and seed in a later CSV replaces the earlier one.
 
 ``--quick`` shrinks everything (2 iterations, tiny batches) to check the pipeline; its numbers mean nothing.
 """
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     task = TASKS[args.task]
     args.out = args.out or ("extensions" if args.task == "digits" else "extensions_pairs")
     if args.report_from:
-        write([row for path in args.report_from for row in read_rows(path)], args, 0.0)
+        # the same (group, variant, seed) in a later CSV replaces an earlier one's row (runs are deterministic)
+        merged = {(r["group"], r["variant"], r["seed"]): r for path in args.report_from for r in read_rows(path)}
+        write(list(merged.values()), args, 0.0)
         return 0
     recipe, swap, metric = task["recipe"], task["swap"], task["metric"]
     judge_only = [f"--model.init_args.rewards=[{task['judge']}]"] if args.task != "digits" else []

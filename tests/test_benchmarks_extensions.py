@@ -49,3 +49,7 @@ def test_report_from_merges_per_seed_csvs_into_one_table(tmp_path, monkeypatch):
     table = (tmp_path / "both.md").read_text()
     assert "| without | 0 | 0.600 |" in table and "| without | 1 | 0.800 |" in table
     assert "| without | mean | 0.700 | 0.500 | 10.000 |" in table
+    # a run repeated in a later CSV (the same group, variant and seed) counts once, as that CSV has it
+    assert ext.main(["--report-from", str(tmp_path / "seed0.csv"), str(tmp_path / "seed1.csv"), str(tmp_path / "seed1.csv"),
+                     "--out", "again"]) == 0
+    assert (tmp_path / "again.md").read_text().count("| without | 1 | 0.800 |") == 1
