@@ -21,26 +21,24 @@ from PIL import Image
 
 
 def svm_judge():
-    """``(judge, held-out accuracy on real digits)``: the shipped :class:`lit_diffac.toy.svm_judge.SVMJudge`."""
-    from lit_diffac.toy.svm_judge import SVMJudge
+    """``(judge, held-out accuracy on real digits)``: the toy recipes' evaluation judge,
+    :class:`lit_diffac.rewards.IndependentDigitJudge` (the shipped SVM)."""
+    from lit_diffac.rewards import IndependentDigitJudge
 
-    judge = SVMJudge()
-    return judge, judge.heldout_accuracy
+    judge = IndependentDigitJudge()
+    return judge, judge.svm.heldout_accuracy
 
 
-def judge_folder(svm, folder: Path) -> dict:
-    """The CNN's accuracy (from ``rewards.json``) and the SVM's on the PNGs of a ``lit-diffac sample`` folder."""
+def judge_folder(judge, folder: Path) -> dict:
+    """The CNN's accuracy (from ``rewards.json``) and the SVM judge's on the PNGs of a ``lit-diffac sample`` folder."""
     import torch
 
-    from lit_diffac.toy.prompts import digit_of
-
     report = json.loads((folder / "rewards.json").read_text())
-    grey = np.stack([np.asarray(Image.open(folder / r["file"]), dtype=np.float32).mean(-1) / 255.0
-                     for r in report["images"]])                       # [N, 16, 16] in [0, 1]
-    small = grey.reshape(len(grey), 1, 8, 2, 8, 2).mean(axis=(3, 5)) * 2 - 1     # [N, 1, 8, 8] in [-1, 1]
-    digits = torch.tensor([digit_of(r["prompt"]) for r in report["images"]])
-    return {"folder": str(folder), "samples": len(digits), "cnn_accuracy": report["mean"]["digit_alignment_accuracy"],
-            "svm_accuracy": float((svm.predict(torch.from_numpy(small)) == digits).double().mean())}
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(folder / r["file"]).convert("RGB"), dtype=np.float32)
+                                        for r in report["images"]])).permute(0, 3, 1, 2) / 255.0   # [N, 3, H, W]
+    correct = judge.accuracy(images, [r["prompt"] for r in report["images"]])
+    return {"folder": str(folder), "samples": len(correct), "cnn_accuracy": report["mean"]["digit_alignment_accuracy"],
+            "svm_accuracy": float(correct.double().mean())}
 
 
 def main(argv: list[str] | None = None) -> int:

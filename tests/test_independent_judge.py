@@ -38,7 +38,7 @@ def test_independent_judge_reward_scores_prompted_digits_and_agrees_with_the_fol
     save_images(images, tmp_path, names)
     rows = [{"file": n, "prompt": p} for n, p in zip(names, right)]
     (tmp_path / "rewards.json").write_text(json.dumps({"images": rows, "mean": {"digit_alignment_accuracy": 1.0}}))
-    assert abs(judge_folder(judge.svm, tmp_path)["svm_accuracy"] - accuracy.mean().item()) <= 1 / 60
+    assert abs(judge_folder(judge, tmp_path)["svm_accuracy"] - accuracy.mean().item()) <= 1 / 60
 
 
 def test_evaluation_reports_the_independent_judge_beside_the_reward(dit_backbone, digit_reward):

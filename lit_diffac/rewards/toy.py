@@ -70,7 +70,6 @@ class IndependentDigitJudge(Reward):
     def __init__(self, name: str | None = None, batch_size: int | None = None, device: str | None = None) -> None:
         super().__init__(name=name, batch_size=batch_size, device=device)
         self.svm = SVMJudge()
-        self.heldout_accuracy = self.svm.heldout_accuracy
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
