@@ -4,7 +4,8 @@ and the markdown report.
 
 Everything here is a pure function of the benchmark's rows: one dict per held-out evaluation with ``backbone``,
 ``method``, ``seed``, ``iteration``, ``samples``, ``accuracy`` (and, where measured, ``train_seconds``, ``config``,
-``selected``, the pair task's ``accuracy_seen`` / ``accuracy_unseen``).
+``selected``, the pair task's ``accuracy_seen`` / ``accuracy_unseen``, the digit task's ``independent_accuracy``:
+the second judge's).
 """
 
 from __future__ import annotations
@@ -138,10 +139,13 @@ def report(rows: list[dict], results: dict, backbones: list[str], methods: list[
            machine: str, grid: dict | None = None) -> str:
     """The markdown report of the selected runs (``rows``); ``grid``: ``{(backbone, method): select()'s table}``
     of the tuned protocol, listed after the headline."""
-    groups = [c for c in ("accuracy_seen", "accuracy_unseen") if rows and c in rows[0]]  # the pair task's
+    # further accuracies of each evaluation: the pair task's seen / unseen pairs, the digit task's second judge
+    labels = {"accuracy_seen": "seen pairs", "accuracy_unseen": "unseen pairs",
+              "independent_accuracy": "independent judge"}
+    groups = [c for c in labels if any(math.isfinite(r.get(c, math.nan)) for r in rows)]
     lines = [f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}", "",
              "| backbone | method | base acc | budget (samples) | acc at budget: mean over seeds | min–max | "
-             + "".join(f"{c.replace('accuracy_', '')} pairs: base → at budget | " for c in groups)
+             + "".join(f"{labels[c]}: base → at budget | " for c in groups)
              + "runs (complete) | last iteration | critic EV (end) | time per run (s) |",
              "|---|---|---|---|---|---|" + "---|" * len(groups) + "---|---|---|---|"]
     for backbone in backbones:
@@ -163,8 +167,8 @@ def report(rows: list[dict], results: dict, backbones: list[str], methods: list[
             timed = [r["wall_s"] for r in runs if not math.isnan(r["wall_s"])]  # NaN: reused, timed in its report
             wall = f"{statistics.mean(timed):.0f}" if timed else "—"
             complete = f"{len(runs)} ({sum(r['complete'] for r in runs)})" if runs else "—"
-            split = "".join(f"{group_mean(rows, backbone, method, c, curve[0][0]):.3f} → "
-                            f"{group_mean(rows, backbone, method, c, curve[-1][0]):.3f} | " for c in groups)
+            split = "".join(f"{_fmt(group_mean(rows, backbone, method, c, curve[0][0]))} → "
+                            f"{_fmt(group_mean(rows, backbone, method, c, curve[-1][0]))} | " for c in groups)
             lines.append(f"| {backbone} | {METHODS[method]} | {curve[0][1]:.3f} | {curve[-1][0]} | "
                          f"{curve[-1][1]:.3f} | {min(at_budget):.3f}–{max(at_budget):.3f} | {split}{complete} | "
                          f"{iters} | {ev} | {wall} |")
@@ -195,8 +199,13 @@ def report(rows: list[dict], results: dict, backbones: list[str], methods: list[
     return "\n".join(lines) + "\n"
 
 
+def _fmt(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.3f}"
+
+
 def group_mean(rows: list[dict], backbone: str, method: str, column: str, samples: int) -> float:
-    """Mean over seeds of ``column`` (e.g. the pair task's ``accuracy_unseen``) at ``samples``."""
+    """Mean over seeds of ``column`` (e.g. the pair task's ``accuracy_unseen``) at ``samples`` (runs that did not
+    record it, e.g. from before a judge existed, left out; NaN when none did)."""
     values = [r[column] for r in rows if r["backbone"] == backbone and r["method"] == method
-              and r["samples"] == samples]
+              and r["samples"] == samples and math.isfinite(r.get(column, math.nan))]
     return statistics.mean(values) if values else math.nan

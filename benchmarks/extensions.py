@@ -13,7 +13,8 @@ two is a policy that learned the CNN):
 1. value pretraining for 0 / short / long iterations before PPO → final held-out alignment, explained variance;
 2. value head with vs without timestep conditioning → explained variance (overall, early, late) and alignment;
 3. reward hacking: brightness alone vs brightness + digit alignment at weights 1 : w (``--weights``; one head per
-   reward, or one head on the weighted sum) → final brightness and held-out alignment accuracy;
+   reward, one head on the weighted sum, or one head per reward with the advantages whitened together after
+   weighting; ``--hacking`` picks which) → final brightness and held-out alignment accuracy;
 4. test-time steering scale sweep on the trained policy vs best-of-N at equal backbone compute.
 
 ``--task pairs`` runs the same comparisons on the two-digit task (``recipes/toy_pairs/actor_critic_dit.yaml``; the
@@ -46,6 +47,13 @@ MULTI = str(ROOT / "recipes" / "toy" / "multi_reward_dit.yaml")
 VALUE = str(ROOT / "recipes" / "toy" / "value_pretrain_dit.yaml")
 JUDGE = "{class_path: lit_diffac.rewards.DigitAlignment}"
 GROUPS = ("value_pretraining", "timestep_conditioning", "reward_hacking", "steering")
+#: reward hacking's multi-reward variants: ``--hacking`` name → (label, overrides of the multi-reward recipe)
+HACKING = {
+    "per_reward": ("one head per reward", []),
+    "sum": ("one head on the sum", ["--model.init_args.value_per_reward=false"]),
+    "combined": ("one head per reward, whitened together",
+                 ["--model.init_args.estimator.init_args.whitening=combined"]),
+}
 PAIR_JUDGE = "{class_path: lit_diffac.rewards.PairAlignment}"
 #: Per task: the actor-critic recipe, overrides that turn the digits task's value-pretraining and multi-reward
 #: recipes into the task's, the judge, its metric name and the held-out prompts.
@@ -95,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 3.0, 10.0],
                         help="reward hacking: alignment weights w of brightness : alignment = 1 : w")
+    parser.add_argument("--hacking", nargs="+", default=["brightness", *HACKING], choices=["brightness", *HACKING],
+                        help="reward hacking: which runs (default: all): brightness alone, and at each weight one "
+                             "head per reward (per_reward), one head on the sum (sum), one head per reward with the "
+                             "advantages whitened together (combined: CriticGAE(whitening='combined'))")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS),
                         help="which comparisons to run (default: all)")
@@ -154,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                                       if args.task == "digits" else "")
             bright_only = [*ac, "--model.init_args.rewards=[{class_path: lit_diffac.rewards.Brightness}]",
                            f"--model.init_args.evaluation.init_args.rewards=[{judges}]"]
-            record("reward_hacking", "brightness only", run(recipe, bright_only, args))
+            if "brightness" in args.hacking:
+                record("reward_hacking", "brightness only", run(recipe, bright_only, args))
             for w in args.weights:  # brightness : alignment = 1 : w
                 weights = [*multi, *ac, f"--model.init_args.reward_weights=[1.0, {w}]"]
-                record("reward_hacking", f"1:{w:g}, one head per reward", run(MULTI, weights, args))
-                record("reward_hacking", f"1:{w:g}, one head on the sum",
-                       run(MULTI, [*weights, "--model.init_args.value_per_reward=false"], args))
+                for variant in args.hacking:
+                    if variant in HACKING:
+                        label, overrides = HACKING[variant]
+                        record("reward_hacking", f"1:{w:g}, {label}", run(MULTI, [*weights, *overrides], args))
         # 4: steering sweep and best-of-N on the trained policy (the value-pretraining-0 run).
         if "steering" in args.groups:
             ckpt = Path(base["log_dir"]) / "checkpoints" / "last.ckpt"

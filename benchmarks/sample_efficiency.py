@@ -11,8 +11,8 @@ iterations (seed 12345, CFG off; digits: 20 prompts × ``--eval-samples`` sample
 40 seen and 40 unseen pairs, default 10). Outputs, in ``benchmarks/results/``:
 
 * ``<name>.csv`` (default name ``sample_efficiency``, ``sample_efficiency_pairs`` for ``--task pairs``): one row
-  per evaluation (backbone, method, seed, iteration, samples, accuracy, mean reward; pairs: also the accuracy on
-  seen and on unseen pairs);
+  per evaluation (backbone, method, seed, iteration, samples, accuracy, mean reward; digits: also the independent
+  judge's accuracy, ``independent_accuracy``; pairs: the accuracy on seen and on unseen pairs);
 * ``<name>.png``: mean accuracy over seeds vs samples (band: min–max), one panel per backbone;
 * ``<name>.md``: accuracy per method at the largest budget every run reached, and the headline figure — the
   samples the actor-critic needs to reach GRPO's accuracy at that budget, as a fraction of it (the linearly
@@ -99,7 +99,8 @@ class Task:
 
 
 TASKS = {
-    "digits": Task(RECIPES, ACCURACY, REWARD, 25, "sample_efficiency"),
+    "digits": Task(RECIPES, ACCURACY, REWARD, 25, "sample_efficiency",
+                   (("independent_accuracy", "eval/independent_judge_accuracy"),)),
     "pairs": Task(RECIPES.parent / "toy_pairs", "eval/pair_alignment_accuracy", "eval/pair_alignment", 10,
                   "sample_efficiency_pairs", (("accuracy_seen", "eval/pair_alignment_accuracy_seen"),
                                               ("accuracy_unseen", "eval/pair_alignment_accuracy_unseen")),
@@ -279,7 +280,7 @@ def reused_results(path: Path, task: str, iterations: int) -> dict:
             continue  # stopped early, or another budget: run it again
         evals = [{"label": "reused", "iteration": r["iteration"], "samples": r["samples"],
                   "train_seconds": r["train_seconds"], spec.accuracy: r["accuracy"], spec.reward: r["reward"],
-                  **{key: r[column] for column, key in spec.extra}} for r in rows]
+                  **{key: r.get(column, math.nan) for column, key in spec.extra}} for r in rows]
         results[job] = {"evals": evals, "summary": None, "wall_s": math.nan, "complete": True}
     return results
 
@@ -334,7 +335,8 @@ def curve_rows(backbone: str, method: str, seed: int, result: dict, task: str = 
     spec = TASKS[task]
     return [{"backbone": backbone, "method": method, "seed": seed, "config": config, "iteration": e["iteration"],
              "samples": e["samples"], "train_seconds": e.get("train_seconds", math.nan),
-             "accuracy": e[spec.accuracy], "reward": e[spec.reward], **{column: e[key] for column, key in spec.extra}}
+             "accuracy": e[spec.accuracy], "reward": e[spec.reward],
+             **{column: e.get(key, math.nan) for column, key in spec.extra}}
             for e in result["evals"]]
 
 
@@ -379,11 +381,12 @@ def transferred(path: Path, pairs: list[tuple[str, str]]) -> dict[tuple[str, str
 
 def read_csv(path: Path) -> list[dict]:
     """Rows of a ``sample_efficiency.csv`` (to redo the report and plot of an earlier run)."""
-    floats = ("accuracy", "reward", "accuracy_seen", "accuracy_unseen", "train_seconds")
+    floats = ("accuracy", "reward", "accuracy_seen", "accuracy_unseen", "independent_accuracy", "train_seconds")
     with path.open() as fh:
         return [{**r, "seed": int(r["seed"]), "iteration": int(r["iteration"]), "samples": int(r["samples"]),
                  "config": r.get("config", ""), **({"selected": int(r["selected"])} if "selected" in r else {}),
-                 **{k: float(r[k]) for k in floats if k in r}}
+                 # a column an older CSV lacks (written blank when merged with a newer one) reads as NaN
+                 **{k: float(r[k]) if r[k] not in (None, "") else math.nan for k in floats if k in r}}
                 for r in csv.DictReader(fh)]
 
 

@@ -76,6 +76,8 @@ class AdvantageEstimator(abc.ABC):
     """
 
     uses_critic: bool = False
+    #: how :meth:`combine` turns per-reward advantages into one: ``"per_reward"`` or ``"combined"`` (see there)
+    whitening: str = "per_reward"
 
     def __init__(self, advantage_clip: float = 10.0, reward_normalization: str = "running") -> None:
         if reward_normalization not in ("running", "batch", "none"):
@@ -92,9 +94,19 @@ class AdvantageEstimator(abc.ABC):
         ...
 
     def combine(self, per_reward: torch.Tensor, weights: torch.Tensor, gather: GatherFn | None) -> torch.Tensor:
-        """Whiten each reward's advantages over the global batch, then ``A = Σ_i w_i A_i``, clipped."""
-        whitened = torch.stack([whiten(per_reward[..., i], gather=gather) for i in range(per_reward.shape[-1])], -1)
-        return clip_advantages((whitened * weights.to(whitened)).sum(-1), self.advantage_clip)
+        """``[B, K, R]`` per-reward advantages → ``[B, K]``, whitened over the global batch, then clipped.
+
+        ``whitening="per_reward"`` (DESIGN §5): ``A = Σ_i w_i whiten(A_i)``. ``"combined"``:
+        ``A = whiten(Σ_i w_i A_i)``. They differ when the rewards' advantages have different spreads; with one
+        reward, only by the factor ``w``.
+        """
+        if self.whitening == "combined":
+            combined = whiten((per_reward * weights.to(per_reward)).sum(-1), gather=gather)
+        else:
+            whitened = torch.stack([whiten(per_reward[..., i], gather=gather)
+                                    for i in range(per_reward.shape[-1])], -1)
+            combined = (whitened * weights.to(whitened)).sum(-1)
+        return clip_advantages(combined, self.advantage_clip)
 
 
 class CriticGAE(AdvantageEstimator):
@@ -115,18 +127,27 @@ class CriticGAE(AdvantageEstimator):
         target_clip: clamp of the value targets (paper: 5).
         reward_normalization: see :class:`AdvantageEstimator`.
         group_baseline: centre each step's advantages on the prompt group (see above).
+        whitening: with several rewards (one value output each), ``"per_reward"`` (default, DESIGN §5) whitens
+            each reward's advantages, then weights them: ``A = Σ_i w_i whiten(A_i)``. The effective weight of
+            reward i is then ``w_i / std(A_i)``, and ``std(A_i)`` shrinks as its head predicts it better, so a
+            reward the critic reads easily from ``x_t`` (the toy brightness: explained variance ≈ 0.99) counts
+            many times its weight. ``"combined"`` weights first, then whitens once: ``A = whiten(Σ_i w_i A_i)``,
+            the advantage of the weighted reward (the objective of one head on the sum, ``w`` meaning the same
+            trade-off), with each head still supplying its reward's baseline.
     """
 
     uses_critic = True
 
     def __init__(self, gamma: float = 1.0, lam: float = 1.0, advantage_clip: float = 10.0,
                  target_clip: float = 5.0, reward_normalization: str = "running",
-                 group_baseline: bool = False) -> None:
+                 group_baseline: bool = False, whitening: str = "per_reward") -> None:
         super().__init__(advantage_clip, reward_normalization)
         if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
             raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
+        if whitening not in ("per_reward", "combined"):
+            raise ValueError(f"whitening must be 'per_reward' or 'combined', got {whitening!r}")
         self.gamma, self.lam, self.target_clip = gamma, lam, target_clip
-        self.group_baseline = group_baseline
+        self.group_baseline, self.whitening = group_baseline, whitening
 
     def __call__(self, rewards, values, prompts, weights, gather=None) -> Advantages:
         num_steps = values.shape[1]

@@ -19,7 +19,7 @@ def test_several_seeds_get_a_mean_row_per_variant(tmp_path, monkeypatch):
     assert (tmp_path / "ext_test.csv").is_file() and not (tmp_path / "extensions_steering.png").exists()
 
 
-def test_reward_hacking_sweeps_the_weights_for_both_head_forms(tmp_path, monkeypatch):
+def test_reward_hacking_sweeps_the_weights_for_every_head_form(tmp_path, monkeypatch):
     monkeypatch.setattr(ext, "RESULTS", tmp_path)
     calls = []
 
@@ -32,11 +32,19 @@ def test_reward_hacking_sweeps_the_weights_for_both_head_forms(tmp_path, monkeyp
     assert ext.main(["--groups", "reward_hacking", "--weights", "1", "3", "--iters", "2", "--out", "rh"]) == 0
     multi = [o for r, o in calls if r == ext.MULTI]
     weights = [next(a for a in o if a.startswith("--model.init_args.reward_weights=")) for o in multi]
-    assert weights == ["--model.init_args.reward_weights=[1.0, 1.0]"] * 2 + [
-        "--model.init_args.reward_weights=[1.0, 3.0]"] * 2
-    assert ["--model.init_args.value_per_reward=false" in o for o in multi] == [False, True, False, True]
+    assert weights == ["--model.init_args.reward_weights=[1.0, 1.0]"] * 3 + [
+        "--model.init_args.reward_weights=[1.0, 3.0]"] * 3
+    assert ["--model.init_args.value_per_reward=false" in o for o in multi] == [False, True, False] * 2
+    combined = "--model.init_args.estimator.init_args.whitening=combined"
+    assert [combined in o for o in multi] == [False, False, True] * 2
     table = (tmp_path / "rh.md").read_text()
     assert "1:3, one head on the sum" in table and "brightness only" in table
+    assert "1:3, one head per reward, whitened together" in table
+    # --hacking runs only the named variants (e.g. a new one beside earlier runs of the others)
+    calls.clear()
+    assert ext.main(["--groups", "reward_hacking", "--weights", "3", "--hacking", "combined", "--iters", "2",
+                     "--out", "rh2"]) == 0
+    assert len(calls) == 1 and calls[0][0] == ext.MULTI and combined in calls[0][1]
 
 
 def test_report_from_merges_per_seed_csvs_into_one_table(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The sample-efficiency benchmark's bookkeeping (its end-to-end --quick run is a slow test)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -372,3 +373,34 @@ def test_report_from_several_csvs_merges_them_into_one_result(tmp_path, monkeypa
     assert se.main([*common, "--backbones", "unet", "--grid", "actor_lr=1e-4,3e-4", "--name", "other"]) == 0
     with pytest.raises(SystemExit, match="only runs of the same protocol merge"):
         se.main([*common, "--report-from", str(tmp_path / "dit.csv"), str(tmp_path / "other.csv"), "--name", "x"])
+
+
+def test_digit_runs_record_the_independent_judge_and_older_csvs_without_it_still_merge(tmp_path):
+    import csv
+
+    import benchmarks.sample_efficiency as se
+
+    log = ("[eval base @ iteration 0, 0 samples] digit_alignment 0.400, digit_alignment_accuracy 0.410, "
+           "independent_judge 0.350, independent_judge_accuracy 0.380\n"
+           "[eval final @ iteration 2, 64 samples] digit_alignment 0.600, digit_alignment_accuracy 0.700, "
+           "independent_judge 0.450, independent_judge_accuracy 0.480\n")
+    evals, _ = se.parse_log(log)
+    new = [r for m in ("actor_critic", "grpo") for r in se.curve_rows("dit", m, 0, {"evals": evals})]
+    assert [r["independent_accuracy"] for r in new] == pytest.approx([0.38, 0.48, 0.38, 0.48])
+    table = se.report(new, {}, ["dit"], ["actor_critic", "grpo"], "cmd", "machine")
+    assert "independent judge: base → at budget |" in table and "| 0.380 → 0.480 |" in table
+    # a CSV from before the judge (no column) and one with it: merged, the older runs read NaN and show "—"
+    old = tmp_path / "old.csv"
+    with old.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[f for f in se.csv_fields("digits") if f != "independent_accuracy"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows([{**r, "backbone": "unet", "selected": 1} for r in new])
+    se.write_csv(tmp_path / "new.csv", "digits", [{**r, "selected": 1} for r in new])
+    se.write_csv(tmp_path / "both.csv", "digits", se.read_csv(old) + se.read_csv(tmp_path / "new.csv"))
+    both = se.read_csv(tmp_path / "both.csv")
+    assert all(math.isnan(r["independent_accuracy"]) for r in both if r["backbone"] == "unet")
+    table = se.report(both, {}, ["dit", "unet"], ["actor_critic", "grpo"], "cmd", "machine")
+    assert "| unet | GRPO | 0.410 | 64 | 0.700 | 0.700–0.700 | — → — |" in table
+    reused = se.reused_results(old, "digits", 2)
+    assert math.isnan(reused["unet", "grpo", 0, ""]["evals"][-1]["eval/independent_judge_accuracy"])

@@ -88,3 +88,29 @@ def test_critic_gae_group_baseline_centres_each_step_on_its_prompt_group():
     assert torch.allclose(group_centred(plain.per_reward, prompts), naive)
     with pytest.raises(ValueError, match="3 prompts for 4"):
         group_centred(plain.per_reward, prompts[:3])
+
+
+def test_critic_gae_whitening_per_reward_vs_combined():
+    # two rewards: the first's head predicts it closely (small residuals), the second's does not
+    rewards = torch.tensor([[1.0, 2.0], [0.0, -1.0], [2.0, 0.0], [1.0, 3.0]])
+    values = torch.stack([rewards - torch.tensor([[0.1, 1.0], [-0.1, -2.0], [0.1, 0.5], [-0.1, 1.5]])] * 3, 1)
+    weights = torch.tensor([1.0, 3.0])
+    per = CriticGAE()(rewards, values, ["p"] * 4, weights)
+    comb = CriticGAE(whitening="combined")(rewards, values, ["p"] * 4, weights)
+    a = rewards - values[:, 0]  # γ = λ = 1: A_k = R − V_k, here the same at every step
+
+    def white(x):  # naive population whitening
+        return (x - x.mean()) / (x.std(unbiased=False) + 1e-8)
+
+    torch.testing.assert_close(per.advantages[:, 0], white(a[:, 0]) + 3 * white(a[:, 1]))
+    torch.testing.assert_close(comb.advantages[:, 0], white(a[:, 0] + 3 * a[:, 1]))
+    assert torch.equal(per.targets, comb.targets) and torch.equal(per.per_reward, comb.per_reward)
+    # per-reward whitening ignores each reward's spread: shrinking the first reward's residuals 10x (a better
+    # head) leaves its advantages' share unchanged, while combined whitening gives it 10x less say
+    better = values.clone()
+    better[..., 0] = rewards[:, None, 0] - (rewards[:, None, 0] - values[..., 0]) / 10
+    torch.testing.assert_close(CriticGAE()(rewards, better, ["p"] * 4, weights).advantages, per.advantages)
+    torch.testing.assert_close(CriticGAE(whitening="combined")(rewards, better, ["p"] * 4, weights).advantages[:, 0],
+                               white(a[:, 0] / 10 + 3 * a[:, 1]))
+    with pytest.raises(ValueError, match="whitening must be"):
+        CriticGAE(whitening="each")

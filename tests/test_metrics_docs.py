@@ -63,6 +63,7 @@ def test_every_key_of_a_one_iteration_run_is_documented(toy_pipelines, clip_fold
     assert [e["label"] for e in module.history.evaluations] == ["base", "final"]
     keys = logged_keys(logger.log_dir)
     assert {"train/kl_to_reference", "train/critic_extra_value_loss", "train/explained_variance/brightness",
+            "train/advantage_std/brightness",
             "eval/clip_score", "eval/clip_diversity", "eval/diversity", "eval/digit_alignment_accuracy",
             "perf/reward_time/digit_alignment", "fault/skipped"} <= keys
     assert undocumented(keys) == []

@@ -313,6 +313,9 @@ class LatentActorCritic(L.LightningModule):
                         "train/ratio_max": max(sums["train/ratio_max"]),
                         "train/neg_log_prob": -rollout.log_probs.mean().item(),
                         "train/advantage_abs_mean": est.advantages.abs().mean().item()})
+        if est.per_reward.shape[-1] == len(self.reward_names) > 1:  # each reward's say in the combined advantage
+            metrics.update({f"train/advantage_std/{name}": est.per_reward[..., j].std(unbiased=False).item()
+                            for j, name in enumerate(self.reward_names)})
         return metrics
 
     def training_pairs(self, rollout: Rollout, advantages: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -4,6 +4,11 @@ Each reward is standardised on its own, gets its own value output on the shared 
 whitening; advantages are then combined by weight, ``A = Σ_i w_i A_i``.  Rewards, explained variance and
 evaluation are logged per reward.  ``value_per_reward=False`` fits one head on the weighted sum of the
 standardised rewards instead (the paper's ablation: separate heads do better).
+
+Whitening each reward's advantages before weighting makes reward i's effective weight ``w_i / std(A_i)``
+(logged: ``train/advantage_std/<name>``), so a reward its head predicts well counts for more than its weight;
+``estimator: CriticGAE(whitening="combined")`` weights first and whitens the sum once, keeping ``w`` as the
+trade-off (benchmarks/RESULTS.md, reward hacking).
 """
 
 from __future__ import annotations
