@@ -35,9 +35,11 @@ Each evaluation also records the run's training time so far (``train_seconds``: 
 time summed, evaluations not counted), so the headline gives the same crossing in training time too:
 ``time_fraction`` = actor-critic seconds to reach GRPO's final accuracy / GRPO's seconds (< 1: ahead at equal
 wall-clock). Runs side by side share the machine, so their clocks compare only when nothing else runs;
-``--time-iterations N`` times N iterations of each method's chosen configuration afterwards, one run at a time,
+``--time-iterations N`` times N iterations of each backbone's and method's chosen configuration afterwards, one
+run at a time,
 and uses those per-iteration times instead (with ``--report-from``: without rerunning the comparison);
-``--seconds-per-iteration METHOD=S …`` gives such times directly.
+``--seconds-per-iteration METHOD=S …`` (or ``BACKBONE/METHOD=S`` for one backbone of a merged report) gives such
+times directly.
 
 ``--reuse CSV`` takes the complete runs of an earlier CSV instead of running them again (runs are deterministic
 for a given seed and thread count, so the result is the same; e.g. a grid around runs already done). It is for
@@ -341,12 +343,13 @@ def curve_rows(backbone: str, method: str, seed: int, result: dict, task: str = 
 
 
 def time_methods(rows: list[dict], args: argparse.Namespace, out_dir: Path) -> dict[str, float]:
-    """Training seconds per iteration of each method (first backbone of ``rows``, its configuration there), each
-    run alone for ``args.time_iterations`` iterations with a one-prompt evaluation: ``train_seconds / iterations``
-    of its ``summary.json``."""
-    backbone = rows[0]["backbone"]
+    """Training seconds per iteration of each (backbone, method) of ``rows`` (its configuration there), keyed
+    ``"backbone/method"``, each run alone for ``args.time_iterations`` iterations with a one-prompt evaluation:
+    ``train_seconds / iterations`` of its ``summary.json``."""
     per_iteration = {}
-    for method in args.methods:
+    for backbone, method in dict.fromkeys((r["backbone"], r["method"]) for r in rows):
+        if method not in args.methods or backbone not in args.backbones:
+            continue
         config = next((r.get("config", "") for r in rows if r["backbone"] == backbone and r["method"] == method), "")
         timing = argparse.Namespace(**{**vars(args), "iterations": args.time_iterations, "jobs": 1, "time_limit": 0,
                                        "eval_every": 10 ** 6, "eval_samples": 1,
@@ -355,8 +358,9 @@ def time_methods(rows: list[dict], args: argparse.Namespace, out_dir: Path) -> d
         result = run_all([(backbone, method, 0, config)], timing, out_dir / "timing")[(backbone, method, 0, config)]
         if not result["summary"]:
             raise RuntimeError(f"the timing run of {method} wrote no summary")
-        per_iteration[method] = result["summary"]["train_seconds"] / result["summary"]["iterations"]
-        print(f"{method} on {backbone}: {per_iteration[method]:.3f} s per training iteration", flush=True)
+        per_iteration[f"{backbone}/{method}"] = result["summary"]["train_seconds"] / result["summary"]["iterations"]
+        print(f"{method} on {backbone}: {per_iteration[f'{backbone}/{method}']:.3f} s per training iteration",
+              flush=True)
     return per_iteration
 
 
@@ -422,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-iterations", type=int, default=0, metavar="N",
                         help="then time N iterations of each method's (chosen) configuration, one run at a time, "
                              "and use those per-iteration times for the time curves (0: the runs' own clocks)")
-    parser.add_argument("--seconds-per-iteration", nargs="+", default=[], metavar="METHOD=S",
+    parser.add_argument("--seconds-per-iteration", nargs="+", default=[], metavar="[BACKBONE/]METHOD=S",
                         help="training time per iteration measured apart (on a quiet machine): the time curves use "
-                             "iteration x S instead of the runs' own clocks (which share the machine)")
+                             "iteration x S instead of the runs' own clocks (which share the machine); METHOD=S "
+                             "for every backbone, BACKBONE/METHOD=S for one")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="each run writes its final state to checkpoints/last.ckpt in its run folder (e.g. for "
                              "benchmarks.steering); by default runs write no checkpoint")
@@ -489,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds_per_iteration = [f"{m}={s}" for m, s in time_methods(rows, args, out_dir).items()]
     if args.seconds_per_iteration:
         per_iteration = {m: float(s) for m, s in (item.split("=", 1) for item in args.seconds_per_iteration)}
-        rows = [{**r, "train_seconds": r["iteration"] * per_iteration[r["method"]]} if r["method"] in per_iteration
-                else r for r in rows]
+        rows = [{**r, "train_seconds": r["iteration"] * seconds} if (seconds := per_iteration.get(
+                    f"{r['backbone']}/{r['method']}", per_iteration.get(r["method"]))) is not None else r
+                for r in rows]
         machine += "; training time = iteration x " + ", ".join(f"{m} {s:g} s" for m, s in per_iteration.items())
     backbones = [b for b in args.backbones if any(r["backbone"] == b for r in rows)]
     plot(rows, backbones, args.methods, out_dir / f"{args.name}.png", args.task)

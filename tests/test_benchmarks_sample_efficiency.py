@@ -153,26 +153,44 @@ def test_tuned_protocol_picks_each_method_s_best_on_one_seed_then_runs_it_on_eve
     assert "**actor_lr=1e-4**" in (tmp_path / "t.md").read_text()  # the grid table comes back from the JSON
 
 
-def test_time_curves_from_separately_measured_seconds_per_iteration(tmp_path):
+def _timed_csv(path, backbones=("dit",)):
+    """A CSV of two methods' curves on each of ``backbones``: the actor-critic reaches GRPO's final 0.5 at 320 of
+    640 samples."""
     import csv
 
-    import benchmarks.sample_efficiency as se
-
-    rows = _timed("actor_critic", [(0, 0.4, 0), (320, 0.5, 7), (640, 0.7, 9)]) + \
-        _timed("grpo", [(0, 0.4, 0), (320, 0.45, 3), (640, 0.5, 5)])
-    for r in rows:
-        r["iteration"] = r["samples"] // 32
-    path = tmp_path / "t.csv"
+    rows = [dict(r, backbone=b) for b in backbones
+            for r in _timed("actor_critic", [(0, 0.4, 0), (320, 0.5, 7), (640, 0.7, 9)])
+            + _timed("grpo", [(0, 0.4, 0), (320, 0.45, 3), (640, 0.5, 5)])]
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def test_time_curves_from_separately_measured_seconds_per_iteration(tmp_path):
+    import benchmarks.sample_efficiency as se
+
+    path = _timed_csv(tmp_path / "t.csv")
     assert se.main(["--backbones", "dit", "--methods", "actor_critic", "grpo", "--report-from", str(path), "--out",
                     str(tmp_path), "--name", "t", "--seconds-per-iteration", "actor_critic=2", "grpo=1"]) == 0
     h = json.loads((tmp_path / "t_report.json").read_text())["headline"][0]
     assert h["fraction"] == pytest.approx(0.5)  # 320 of 640 samples
     assert h["grpo_train_seconds"] == pytest.approx(20.0) and h["actor_critic_train_seconds"] == pytest.approx(20.0)
     assert h["time_fraction"] == pytest.approx(1.0)  # half the samples at twice the cost per iteration
+
+
+def test_seconds_per_iteration_per_backbone_in_a_merged_report(tmp_path):
+    import benchmarks.sample_efficiency as se
+
+    path = _timed_csv(tmp_path / "t.csv", ("dit", "unet"))
+    assert se.main(["--backbones", "dit", "unet", "--methods", "actor_critic", "grpo", "--report-from", str(path),
+                    "--out", str(tmp_path), "--name", "t", "--seconds-per-iteration", "actor_critic=2", "grpo=1",
+                    "unet/actor_critic=4"]) == 0
+    dit, unet = json.loads((tmp_path / "t_report.json").read_text())["headline"]
+    assert (dit["backbone"], unet["backbone"]) == ("dit", "unet")
+    assert dit["time_fraction"] == pytest.approx(1.0)  # the method's figure where no backbone's is given
+    assert unet["time_fraction"] == pytest.approx(2.0) and unet["grpo_train_seconds"] == pytest.approx(20.0)
 
 
 def test_time_iterations_times_each_chosen_configuration_alone(tmp_path, monkeypatch):
@@ -191,10 +209,14 @@ def test_time_iterations_times_each_chosen_configuration_alone(tmp_path, monkeyp
     monkeypatch.setattr(se, "run_all", fake_run_all)
     rows = [dict(r, config="actor_lr=1e-4" if r["method"] == "actor_critic" else "actor_lr=2e-4")
             for r in _rows("actor_critic", [(0, 0.4)]) + _rows("grpo", [(0, 0.4)])]
-    args = argparse.Namespace(task="pairs", methods=["actor_critic", "grpo"], time_iterations=10, jobs=2,
-                              iterations=150, time_limit=5.0, eval_every=25, eval_samples=10, overrides=["--x=1"])
-    assert se.time_methods(rows, args, tmp_path) == {"actor_critic": 3.0, "grpo": 1.0}
-    assert [s[0] for s in seen] == [[("dit", "actor_critic", 0, "actor_lr=1e-4")], [("dit", "grpo", 0, "actor_lr=2e-4")]]
+    rows += [dict(r, backbone=b) for b in ("unet", "other") for r in rows]
+    args = argparse.Namespace(task="pairs", methods=["actor_critic", "grpo"], backbones=["dit", "unet"],
+                              time_iterations=10, jobs=2, iterations=150, time_limit=5.0, eval_every=25,
+                              eval_samples=10, overrides=["--x=1"])
+    assert se.time_methods(rows, args, tmp_path) == {"dit/actor_critic": 3.0, "dit/grpo": 1.0,
+                                                     "unet/actor_critic": 3.0, "unet/grpo": 1.0}
+    assert [s[0] for s in seen] == [[(b, m, 0, "actor_lr=1e-4" if m == "actor_critic" else "actor_lr=2e-4")]
+                                    for b in ("dit", "unet") for m in ("actor_critic", "grpo")]
     assert all(s[1:] == (10, 1, "--model.init_args.evaluation.init_args.prompts=[3 and 7]") for s in seen)
 
 
