@@ -57,7 +57,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.sd3_model import SD35_RECIPE, SD35M, TINY_SD3, build_sd3_module  # noqa: F401 (re-exported)
+from benchmarks.sd3_model import SD35_RECIPE, SD35M, TINY_SD3, build_sd3_module
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,12 +7,13 @@ import json
 import torch
 
 import benchmarks.checkpoint_size as cs
+import benchmarks.sd3_model as sd3
 from lit_diffac.frozen_weights import strip_frozen
 
 
 def test_meta_count_equals_a_real_tiny_models_saved_checkpoint(tmp_path):
-    computed = cs.sd3_lora_sizes(cs.TINY_SD3, serialize=False)
-    module, options = cs.build_sd3_module(cs.TINY_SD3, device="cpu")  # same configs, real random weights
+    computed = cs.sd3_lora_sizes(sd3.TINY_SD3, serialize=False)
+    module, options = sd3.build_sd3_module(sd3.TINY_SD3, device="cpu")  # same configs, real random weights
     assert options["backbone"]["lora_rank"] == 32 and options["reward_dtype"] == torch.bfloat16  # the SD3.5 recipe
     backbone = module.backbone
     policy = backbone.policy_parameters()

@@ -1,4 +1,4 @@
-"""benchmarks.overhead_scale: SD-shaped configuration, and its --quick run end to end (seconds)."""
+"""benchmarks.overhead_scale and benchmarks.sd_scaled: SD-shaped configuration, and its --quick run end to end (seconds)."""
 
 import json
 import math
@@ -9,24 +9,25 @@ from pathlib import Path
 import pytest
 
 import benchmarks.overhead_scale as ovs
+import benchmarks.sd_scaled as scaled
 
 
 def test_recipe_taps_scale_with_depth():
-    assert ovs.scaled_taps(24) == [7, 15, 23]  # recipes/sd35: blocks 7 / 15 / 23 of 24
-    assert ovs.scaled_taps(3) == [0, 1, 2]
-    assert ovs.scaled_taps(4) == [0, 2, 3]
-    assert ovs.scaled_taps(2) == [0, 1]
+    assert scaled.scaled_taps(24) == [7, 15, 23]  # recipes/sd35: blocks 7 / 15 / 23 of 24
+    assert scaled.scaled_taps(3) == [0, 1, 2]
+    assert scaled.scaled_taps(4) == [0, 2, 3]
+    assert scaled.scaled_taps(2) == [0, 1]
 
 
 def test_full_shapes_are_sd35m_and_sd15():
-    shape = ovs.sd35m_shape(24, quick=False)
+    shape = scaled.sd35m_shape(24, quick=False)
     t = shape["transformer"]
     assert t["num_attention_heads"] * t["attention_head_dim"] == t["caption_projection_dim"] == 1536
     assert t["num_attention_heads"] == 24 and t["in_channels"] == 16 and t["joint_attention_dim"] == 4096
     assert t["pooled_projection_dim"] == sum(shape["clip_projection_dims"]) == 2048
     assert shape["text_tokens"] == 333 and shape["image_tokens"] == 1024 and t["sample_size"] == 64
     assert t["dual_attention_layers"] == tuple(range(13)) and t["qk_norm"] == "rms_norm"
-    unet = ovs.sd15_shape(1, quick=False)
+    unet = scaled.sd15_shape(1, quick=False)
     assert unet["unet"]["block_out_channels"] == (320, 640, 1280, 1280) and unet["unet"]["sample_size"] == 64
     assert unet["unet"]["layers_per_block"] == 1 and unet["unet"]["cross_attention_dim"] == 768
     assert unet["taps"] == ["down_blocks.1", "mid_block", "up_blocks.1"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.overhead_scale import sd15_shape, sd35m_shape
+from benchmarks.sd_scaled import sd15_shape, sd35m_shape
 from lit_diffac.critic_replay import CriticReplay
 from lit_diffac.value_heads import ValueHead
 
