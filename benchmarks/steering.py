@@ -5,8 +5,9 @@
         [--sweep-scales 1 4 16] [--sweep-steps first:5 last:5] [--samples-per-prompt 25] [--seed 4242] [--quick]
 
 For each ``BACKBONE=RUN_FOLDER`` (a finished run of a toy digit recipe: its ``config.yaml`` and
-``checkpoints/last.ckpt``), on the held-out prompts × ``--samples-per-prompt`` with the same ``--seed``, every
-variant is one ``lit-diffac sample`` call:
+``checkpoints/last.ckpt``; repeat a backbone for several training seeds, ``--run dit=RUN0 dit=RUN1 dit=RUN2``),
+on the held-out prompts × ``--samples-per-prompt`` with the same ``--seed``, every variant is one ``lit-diffac
+sample`` call:
 
 * ``plain``: the policy's own sampler (``--scale 0``);
 * ``steered``: critic steering at ``--scale`` on every step (``--steps all``); its backbone compute per sample
@@ -18,8 +19,10 @@ variant is one ``lit-diffac sample`` call:
 
 Every folder is scored by the project's judge (the reward's digit classifier: ``digit_alignment_accuracy``) and
 by the independent judge (:mod:`benchmarks.independent_judge`: an RBF SVM on the original 8×8 digits), so that
-steering toward the reward's own classifier is not mistaken for alignment.  Writes
-``benchmarks/results/NAME.{json,md}`` (``steering``; ``--quick``: ``results/quick/steering``, 2 samples per prompt,
+steering toward the reward's own classifier is not mistaken for alignment.  Per backbone the JSON holds the
+mean over its runs (``plain_accuracy``, ``steered_accuracy``, ``best_of_n_value_accuracy``, …, the same under
+``independent_judge``), the training ``seeds`` (each run's ``seed_everything``) and each run's own figures under
+``runs``.  Writes ``benchmarks/results/NAME.{json,md}`` (``steering``; ``--quick``: ``results/quick/steering``, 2 samples per prompt,
 no sweep).
 """
 
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -74,9 +78,9 @@ def measure(backbone: str, run: Path, args: argparse.Namespace, out_dir: Path, s
         variant(f"steer scale {args.scale:g} {window}", ["--scale", str(args.scale), "--steps", window])
     project = {name: r["mean"]["digit_alignment_accuracy"] for name, r in reports.items()}
     independent = {name: judge_folder(svm, folder)["svm_accuracy"] for name, folder in folders.items()}
-    main = ("plain", "steered", "best_of_n_value", "best_of_n_reward")
+    main = MAIN
     return {
-        "run": str(run), "scale": args.scale, "best_of_n": n, "seeds": [args.seed],
+        "run": str(run), "seed": training_seed(run), "scale": args.scale, "best_of_n": n, "sampling_seed": args.seed,
         "samples": len(reports["plain"]["images"]),
         **{f"{name}_accuracy": project[name] for name in main},
         "independent_judge": {f"{name}_accuracy": independent[name] for name in main},
@@ -86,17 +90,63 @@ def measure(backbone: str, run: Path, args: argparse.Namespace, out_dir: Path, s
     }
 
 
+def training_seed(run: Path) -> int | None:
+    """The run's ``seed_everything`` from the ``config.yaml`` Lightning saved beside its checkpoints."""
+    config = run / "config.yaml"
+    if not config.is_file():
+        return None
+    import yaml
+
+    return (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
+
+
+MAIN = ("plain", "steered", "best_of_n_value", "best_of_n_reward")
+
+
+def combine(per_run: list[dict]) -> dict:
+    """One backbone's runs (one per training seed) → the mean of every accuracy, each run's figures under ``runs``.
+
+    ``best_of_n`` and the compute per sample are the first run's (equal for runs of one recipe)."""
+    first = per_run[0]
+
+    def mean(get) -> float:
+        return statistics.fmean(get(r) for r in per_run)
+
+    sweep = [{**s, "accuracy": mean(lambda r, i=i: r["sweep"][i]["accuracy"]),
+              "independent_accuracy": mean(lambda r, i=i: r["sweep"][i]["independent_accuracy"])}
+             for i, s in enumerate(first["sweep"])]
+    return {
+        "scale": first["scale"], "best_of_n": first["best_of_n"], "seeds": [r["seed"] for r in per_run],
+        "sampling_seed": first["sampling_seed"], "samples": first["samples"],
+        **{f"{name}_accuracy": mean(lambda r, k=f"{name}_accuracy": r[k]) for name in MAIN},
+        "independent_judge": {f"{name}_accuracy": mean(lambda r, k=f"{name}_accuracy": r["independent_judge"][k])
+                              for name in MAIN},
+        "compute_per_sample": first["compute_per_sample"], "sweep": sweep, "runs": per_run,
+    }
+
+
 def table(results: dict) -> str:
-    lines = ["| backbone | variant | compute / sample | project judge | independent judge |", "|---|---|---|---|---|"]
+    lines = ["| backbone (training seeds) | variant | compute / sample | project judge | independent judge |",
+             "|---|---|---|---|---|"]
+
+    def cell(mean: float, per_run: list[float]) -> str:
+        return f"{mean:.3f}" + (f" ({' / '.join(f'{v:.3f}' for v in per_run)})" if len(per_run) > 1 else "")
+
     for backbone, r in results.items():
-        rows = [(name, r["compute_per_sample"][name], r[f"{name}_accuracy"], r["independent_judge"][f"{name}_accuracy"])
-                for name in ("plain", "steered", "best_of_n_value", "best_of_n_reward")]
-        rows += [(s["variant"], s["compute_per_sample"], s["accuracy"], s["independent_accuracy"]) for s in r["sweep"]]
+        runs = r.get("runs", [r])
+        seeds = ", ".join(str(s) for s in r.get("seeds", [r.get("seed")]))
+        rows = [(name, r["compute_per_sample"][name],
+                 cell(r[f"{name}_accuracy"], [x[f"{name}_accuracy"] for x in runs]),
+                 cell(r["independent_judge"][f"{name}_accuracy"], [x["independent_judge"][f"{name}_accuracy"] for x in runs]))
+                for name in MAIN]
+        rows += [(s["variant"], s["compute_per_sample"], cell(s["accuracy"], [x["sweep"][i]["accuracy"] for x in runs]),
+                  cell(s["independent_accuracy"], [x["sweep"][i]["independent_accuracy"] for x in runs]))
+                 for i, s in enumerate(r["sweep"])]
         for name, compute, acc, ind in rows:
             label = {"steered": f"steered, scale {r['scale']:g}, all steps",
                      "best_of_n_value": f"best-of-{r['best_of_n']} by the critic's value",
                      "best_of_n_reward": f"best-of-{r['best_of_n']} by the reward (peeks at the judge)"}.get(name, name)
-            lines.append(f"| {backbone} | {label} | {compute:.0f} | {acc:.3f} | {ind:.3f} |")
+            lines.append(f"| {backbone} ({seeds}) | {label} | {compute:.0f} | {acc} | {ind} |")
     return "\n".join(lines)
 
 
@@ -116,19 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.samples_per_prompt, args.sweep_scales, args.sweep_steps = 2, [], []
-    runs = {}
+    runs: dict[str, list[Path]] = {}
     for spec in args.run:
         backbone, _, folder = spec.partition("=")
         if not folder or not (Path(folder) / "checkpoints" / "last.ckpt").is_file():
             parser.error(f"--run {spec!r}: expected BACKBONE=RUN_FOLDER with checkpoints/last.ckpt inside")
-        runs[backbone] = Path(folder)
+        runs.setdefault(backbone, []).append(Path(folder))
     from benchmarks.independent_judge import svm_judge
 
     start = time.time()
     svm, svm_heldout = svm_judge()
     results_dir = RESULTS / "quick" if args.quick else RESULTS
     out_dir = results_dir / "runs" / args.name
-    results = {backbone: measure(backbone, folder, args, out_dir, svm) for backbone, folder in runs.items()}
+    results = {backbone: combine([measure(backbone, folder, args, out_dir / f"run{i}", svm)
+                                  for i, folder in enumerate(folders)])
+               for backbone, folders in runs.items()}
     command = "python -m benchmarks.steering " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.node()} ({os.cpu_count()} CPUs, OMP_NUM_THREADS={args.threads})"
     report = {"command": command, "machine": machine, "minutes": (time.time() - start) / 60,

@@ -31,10 +31,37 @@ def test_best_of_n_matches_the_steered_compute_and_both_judges_score_every_varia
     assert set(result["independent_judge"]) == {"plain_accuracy", "steered_accuracy", "best_of_n_value_accuracy",
                                                 "best_of_n_reward_accuracy"}
     assert [s["variant"] for s in result["sweep"]] == ["steer scale 16 all", "steer scale 4 last:5"]
-    assert result["seeds"] == [4242]
-    text = steering.table({"dit": result})
-    assert "| dit | best-of-3 by the critic's value | 30 | 0.800 |" in text
+    assert (result["seed"], result["sampling_seed"]) == (None, 4242)  # no config.yaml in the fake run folder
+    text = steering.table({"dit": steering.combine([result])})
+    assert "| dit (None) | best-of-3 by the critic's value | 30 | 0.800 |" in text
     json.dumps(result)  # the JSON is plain data
+
+
+def test_runs_of_several_training_seeds_are_averaged_and_kept(tmp_path):
+    import benchmarks.steering as steering
+
+    def run(seed: int, plain: float, steered: float) -> dict:
+        folder = tmp_path / f"run{seed}"
+        folder.mkdir()
+        (folder / "config.yaml").write_text(f"seed_everything: {seed}\nmodel: {{}}\n")
+        accuracies = {"plain_accuracy": plain, "steered_accuracy": steered, "best_of_n_value_accuracy": 0.5,
+                      "best_of_n_reward_accuracy": 0.9}
+        return {"run": str(folder), "seed": steering.training_seed(folder), "scale": 4.0, "best_of_n": 3,
+                "sampling_seed": 4242, "samples": 500, **accuracies,
+                "independent_judge": {k: v - 0.1 for k, v in accuracies.items()},
+                "compute_per_sample": {"plain": 10, "steered": 30, "best_of_n_value": 30, "best_of_n_reward": 30},
+                "sweep": [{"variant": "steer scale 16 all", "accuracy": steered + 0.1, "independent_accuracy": 0.2,
+                           "compute_per_sample": 30}]}
+
+    combined = steering.combine([run(0, 0.6, 0.8), run(1, 0.7, 0.7), run(2, 0.8, 0.9)])
+    assert combined["seeds"] == [0, 1, 2]
+    assert combined["plain_accuracy"] == pytest.approx(0.7) and combined["steered_accuracy"] == pytest.approx(0.8)
+    assert combined["independent_judge"]["steered_accuracy"] == pytest.approx(0.7)
+    assert combined["sweep"][0]["accuracy"] == pytest.approx(0.9)
+    assert [r["plain_accuracy"] for r in combined["runs"]] == [0.6, 0.7, 0.8]
+    text = steering.table({"dit": combined})
+    assert "| dit (0, 1, 2) | steered, scale 4, all steps | 30 | 0.800 (0.800 / 0.700 / 0.900) |" in text
+    json.dumps(combined)
 
 
 def test_a_run_folder_without_a_checkpoint_is_refused(tmp_path, capsys):
