@@ -3,7 +3,8 @@
 Each reward is standardised on its own, gets its own value output on the shared features, its own GAE and
 whitening; advantages are then combined by weight, ``A = Σ_i w_i A_i``.  Rewards, explained variance and
 evaluation are logged per reward.  ``value_per_reward=False`` fits one head on the weighted sum of the
-standardised rewards instead (the paper's ablation: separate heads do better).
+standardised rewards instead (the paper's ablation says separate heads do better; on the toy, against a
+hackable brightness reward, one head on the sum kept the most real alignment: benchmarks/RESULTS.md).
 
 Whitening each reward's advantages before weighting makes reward i's effective weight ``w_i / std(A_i)``
 (logged: ``train/advantage_std/<name>``), so a reward its head predicts well counts for more than its weight;
