@@ -3,6 +3,7 @@
     lit-diffac run recipes/toy/actor_critic_dit.yaml            # the main job: runs/actor_critic_dit/version_N
     python -m benchmarks.steering --run dit=runs/actor_critic_dit/version_0 [--run unet=...] [--scale 4]
         [--sweep-scales 1 4 16] [--sweep-steps first:5 last:5] [--samples-per-prompt 25] [--seed 4242] [--quick]
+    python -m benchmarks.steering --report-from benchmarks/results/steering_dit.json benchmarks/results/steering_unet.json
 
 For each ``BACKBONE=RUN_FOLDER`` (a finished run of a toy digit recipe: its ``config.yaml`` and
 ``checkpoints/last.ckpt``; repeat a backbone for several training seeds, ``--run dit=RUN0 dit=RUN1 dit=RUN2``),
@@ -22,7 +23,8 @@ by the independent judge (:mod:`benchmarks.independent_judge`: an RBF SVM on the
 steering toward the reward's own classifier is not mistaken for alignment.  Per backbone the JSON holds the
 mean over its runs (``plain_accuracy``, ``steered_accuracy``, ``best_of_n_value_accuracy``, …, the same under
 ``independent_judge``), the training ``seeds`` (each run's ``seed_everything``) and each run's own figures under
-``runs``.  Writes ``benchmarks/results/NAME.{json,md}`` (``steering``; ``--quick``: ``results/quick/steering``, 2 samples per prompt,
+``runs``; ``--report-from`` merges the backbones of earlier reports (run one process per backbone side by side)
+into one.  Writes ``benchmarks/results/NAME.{json,md}`` (``steering``; ``--quick``: ``results/quick/steering``, 2 samples per prompt,
 no sweep).
 """
 
@@ -152,8 +154,11 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", nargs="+", required=True, metavar="BACKBONE=RUN_FOLDER",
+    parser.add_argument("--run", nargs="+", default=[], metavar="BACKBONE=RUN_FOLDER",
                         help="finished runs of toy digit recipes (config.yaml, checkpoints/last.ckpt)")
+    parser.add_argument("--report-from", nargs="+", type=Path, default=[], metavar="JSON",
+                        help="merge the backbones of earlier steering JSONs into one report (no sampling; a later "
+                             "file's backbone replaces an earlier one's)")
     parser.add_argument("--scale", type=float, default=4.0, help="the headline steering scale")
     parser.add_argument("--sweep-scales", type=float, nargs="*", default=[1.0, 16.0])
     parser.add_argument("--sweep-steps", nargs="*", default=["first:5", "last:5"])
@@ -166,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.samples_per_prompt, args.sweep_scales, args.sweep_steps = 2, [], []
+    command = "python -m benchmarks.steering " + " ".join(str(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.report_from:
+        if args.run:
+            parser.error("--report-from merges earlier reports; give it without --run")
+        report = {"command": command, **merge_reports(args.report_from)}
+        return write_report(report, f"`{command}`, {time.strftime('%Y-%m-%d')}: the backbones of", RESULTS, args.name)
+    if not args.run:
+        parser.error("give --run BACKBONE=RUN_FOLDER (or --report-from JSON ...)")
     runs: dict[str, list[Path]] = {}
     for spec in args.run:
         backbone, _, folder = spec.partition("=")
@@ -181,15 +194,41 @@ def main(argv: list[str] | None = None) -> int:
     results = {backbone: combine([measure(backbone, folder, args, out_dir / f"run{i}", svm)
                                   for i, folder in enumerate(folders)])
                for backbone, folders in runs.items()}
-    command = "python -m benchmarks.steering " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.node()} ({os.cpu_count()} CPUs, OMP_NUM_THREADS={args.threads})"
     report = {"command": command, "machine": machine, "minutes": (time.time() - start) / 60,
               "independent_judge_accuracy_on_real_digits": svm_heldout, **results}
+    header = (f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}, {report['minutes']:.0f} min; held-out prompts × "
+              f"{args.samples_per_prompt}, seed {args.seed}")
+    return write_report(report, header, results_dir, args.name)
+
+
+def is_backbone(value) -> bool:
+    return isinstance(value, dict) and "plain_accuracy" in value
+
+
+def merge_reports(paths: list[Path]) -> dict:
+    """Earlier steering JSONs → one report: every backbone object (a later file's replaces an earlier one's) and,
+    under ``sources``, each file's command, machine and minutes."""
+    merged: dict = {"sources": []}
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        merged["sources"] += report.get("sources") or [  # a merged report passes its own sources on
+            {"file": str(path), **{k: report.get(k) for k in ("command", "machine", "minutes")}}]
+        merged["independent_judge_accuracy_on_real_digits"] = report.get("independent_judge_accuracy_on_real_digits")
+        merged.update({k: v for k, v in report.items() if is_backbone(v)})
+    return merged
+
+
+def write_report(report: dict, header: str, results_dir: Path, name: str) -> int:
+    """``results_dir/NAME.json`` (the report) and ``NAME.md`` (the header, the merged sources if any, then the
+    table of every backbone)."""
+    results = {k: v for k, v in report.items() if is_backbone(v)}
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    text = (f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}, {report['minutes']:.0f} min; held-out prompts × "
-            f"{args.samples_per_prompt}, seed {args.seed}\n\n{table(results)}\n")
-    (results_dir / f"{args.name}.md").write_text(text)
+    (results_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    sources = "".join(f"\n- {s['file']}: `{s['command']}` — {s['machine']}, {s['minutes']:.0f} min"
+                      for s in report.get("sources", []))
+    text = header + sources + f"\n\n{table(results)}\n"
+    (results_dir / f"{name}.md").write_text(text)
     print(text)
     return 0
 

@@ -64,6 +64,31 @@ def test_runs_of_several_training_seeds_are_averaged_and_kept(tmp_path):
     json.dumps(combined)
 
 
+def test_reports_of_each_backbone_merge_into_one(tmp_path, monkeypatch):
+    import benchmarks.steering as steering
+
+    def report(backbone: str, plain: float) -> dict:
+        accuracies = {f"{name}_accuracy": plain for name in steering.MAIN}
+        return {"command": f"python -m benchmarks.steering --run {backbone}=RUN", "machine": "vm", "minutes": 5.0,
+                "independent_judge_accuracy_on_real_digits": 0.99,
+                backbone: {**accuracies, "independent_judge": accuracies, "scale": 4.0, "best_of_n": 3,
+                           "seeds": [0, 1, 2], "compute_per_sample": dict.fromkeys(steering.MAIN, 30), "sweep": []}}
+
+    (tmp_path / "dit.json").write_text(json.dumps(report("dit", 0.7)))
+    (tmp_path / "unet_old.json").write_text(json.dumps(report("unet", 0.5)))
+    (tmp_path / "unet.json").write_text(json.dumps(report("unet", 0.6)))
+    monkeypatch.setattr(steering, "RESULTS", tmp_path / "out")
+    files = [str(tmp_path / f) for f in ("dit.json", "unet_old.json", "unet.json")]
+    assert steering.main(["--report-from", *files, "--name", "both"]) == 0
+    merged = json.loads((tmp_path / "out" / "both.json").read_text())
+    assert (merged["dit"]["plain_accuracy"], merged["unet"]["plain_accuracy"]) == (0.7, 0.6)  # the later unet wins
+    assert [s["file"] for s in merged["sources"]] == files and merged["command"].startswith("python -m")
+    assert steering.main(["--report-from", str(tmp_path / "out" / "both.json"), "--name", "again"]) == 0
+    again = json.loads((tmp_path / "out" / "again.json").read_text())
+    assert again["sources"] == merged["sources"]  # a merged report passes its sources on
+    assert "| unet (0, 1, 2) | plain |" in (tmp_path / "out" / "again.md").read_text()
+
+
 def test_a_run_folder_without_a_checkpoint_is_refused(tmp_path, capsys):
     import benchmarks.steering as steering
 
