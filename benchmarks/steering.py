@@ -3,7 +3,7 @@
     lit-diffac run recipes/toy/actor_critic_dit.yaml            # the main job: runs/actor_critic_dit/version_N
     python -m benchmarks.steering --run dit=runs/actor_critic_dit/version_0 [--run unet=...] [--scale 4]
         [--sweep-scales 1 4 16] [--sweep-steps first:5 last:5] [--samples-per-prompt 25] [--seed 4242] [--quick]
-    python -m benchmarks.steering --report-from benchmarks/results/steering_dit.json benchmarks/results/steering_unet.json
+    python -m benchmarks.steering --report-from results/steering_dit.json results/steering_unet.json  # merge
 
 For each ``BACKBONE=RUN_FOLDER`` (a finished run of a toy digit recipe: its ``config.yaml`` and
 ``checkpoints/last.ckpt``; repeat a backbone for several training seeds, ``--run dit=RUN0 dit=RUN1 dit=RUN2``),
@@ -24,8 +24,8 @@ steering toward the reward's own classifier is not mistaken for alignment.  Per 
 mean over its runs (``plain_accuracy``, ``steered_accuracy``, ``best_of_n_value_accuracy``, …, the same under
 ``independent_judge``), the training ``seeds`` (each run's ``seed_everything``) and each run's own figures under
 ``runs``; ``--report-from`` merges the backbones of earlier reports (run one process per backbone side by side)
-into one.  Writes ``benchmarks/results/NAME.{json,md}`` (``steering``; ``--quick``: ``results/quick/steering``, 2 samples per prompt,
-no sweep).
+into one.  Writes ``benchmarks/results/NAME.{json,md}`` (``steering``; ``--quick``: ``results/quick/steering``,
+2 samples per prompt, no sweep).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the variants every run measures (the sweep's come on top)
+MAIN = ("plain", "steered", "best_of_n_value", "best_of_n_reward")
 
 
 def sample(run: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
@@ -80,15 +82,14 @@ def measure(backbone: str, run: Path, args: argparse.Namespace, out_dir: Path, s
         variant(f"steer scale {args.scale:g} {window}", ["--scale", str(args.scale), "--steps", window])
     project = {name: r["mean"]["digit_alignment_accuracy"] for name, r in reports.items()}
     independent = {name: judge_folder(svm, folder)["svm_accuracy"] for name, folder in folders.items()}
-    main = MAIN
     return {
         "run": str(run), "seed": training_seed(run), "scale": args.scale, "best_of_n": n, "sampling_seed": args.seed,
         "samples": len(reports["plain"]["images"]),
-        **{f"{name}_accuracy": project[name] for name in main},
-        "independent_judge": {f"{name}_accuracy": independent[name] for name in main},
-        "compute_per_sample": {name: per_sample(name) for name in main},
+        **{f"{name}_accuracy": project[name] for name in MAIN},
+        "independent_judge": {f"{name}_accuracy": independent[name] for name in MAIN},
+        "compute_per_sample": {name: per_sample(name) for name in MAIN},
         "sweep": [{"variant": name, "accuracy": project[name], "independent_accuracy": independent[name],
-                   "compute_per_sample": per_sample(name)} for name in reports if name not in main],
+                   "compute_per_sample": per_sample(name)} for name in reports if name not in MAIN],
     }
 
 
@@ -102,27 +103,20 @@ def training_seed(run: Path) -> int | None:
     return (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
 
 
-MAIN = ("plain", "steered", "best_of_n_value", "best_of_n_reward")
-
-
 def combine(per_run: list[dict]) -> dict:
     """One backbone's runs (one per training seed) → the mean of every accuracy, each run's figures under ``runs``.
 
     ``best_of_n`` and the compute per sample are the first run's (equal for runs of one recipe)."""
-    first = per_run[0]
-
-    def mean(get) -> float:
-        return statistics.fmean(get(r) for r in per_run)
-
-    sweep = [{**s, "accuracy": mean(lambda r, i=i: r["sweep"][i]["accuracy"]),
-              "independent_accuracy": mean(lambda r, i=i: r["sweep"][i]["independent_accuracy"])}
+    first, mean = per_run[0], statistics.fmean
+    keys = [f"{name}_accuracy" for name in MAIN]
+    sweep = [{**s, "accuracy": mean(r["sweep"][i]["accuracy"] for r in per_run),
+              "independent_accuracy": mean(r["sweep"][i]["independent_accuracy"] for r in per_run)}
              for i, s in enumerate(first["sweep"])]
     return {
         "scale": first["scale"], "best_of_n": first["best_of_n"], "seeds": [r["seed"] for r in per_run],
         "sampling_seed": first["sampling_seed"], "samples": first["samples"],
-        **{f"{name}_accuracy": mean(lambda r, k=f"{name}_accuracy": r[k]) for name in MAIN},
-        "independent_judge": {f"{name}_accuracy": mean(lambda r, k=f"{name}_accuracy": r["independent_judge"][k])
-                              for name in MAIN},
+        **{k: mean(r[k] for r in per_run) for k in keys},
+        "independent_judge": {k: mean(r["independent_judge"][k] for r in per_run) for k in keys},
         "compute_per_sample": first["compute_per_sample"], "sweep": sweep, "runs": per_run,
     }
 
@@ -137,10 +131,11 @@ def table(results: dict) -> str:
     for backbone, r in results.items():
         runs = r.get("runs", [r])
         seeds = ", ".join(str(s) for s in r.get("seeds", [r.get("seed")]))
-        rows = [(name, r["compute_per_sample"][name],
-                 cell(r[f"{name}_accuracy"], [x[f"{name}_accuracy"] for x in runs]),
-                 cell(r["independent_judge"][f"{name}_accuracy"], [x["independent_judge"][f"{name}_accuracy"] for x in runs]))
-                for name in MAIN]
+        rows = []
+        for name in MAIN:
+            k = f"{name}_accuracy"
+            rows.append((name, r["compute_per_sample"][name], cell(r[k], [x[k] for x in runs]),
+                         cell(r["independent_judge"][k], [x["independent_judge"][k] for x in runs])))
         rows += [(s["variant"], s["compute_per_sample"], cell(s["accuracy"], [x["sweep"][i]["accuracy"] for x in runs]),
                   cell(s["independent_accuracy"], [x["sweep"][i]["independent_accuracy"] for x in runs]))
                  for i, s in enumerate(r["sweep"])]
@@ -176,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.run:
             parser.error("--report-from merges earlier reports; give it without --run")
         report = {"command": command, **merge_reports(args.report_from)}
-        return write_report(report, f"`{command}`, {time.strftime('%Y-%m-%d')}: the backbones of", RESULTS, args.name)
+        header = f"`{command}`, {time.strftime('%Y-%m-%d')}: the backbones of"
+        return write_report(report, header, RESULTS, args.name)
     if not args.run:
         parser.error("give --run BACKBONE=RUN_FOLDER (or --report-from JSON ...)")
     runs: dict[str, list[Path]] = {}
@@ -197,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.node()} ({os.cpu_count()} CPUs, OMP_NUM_THREADS={args.threads})"
     report = {"command": command, "machine": machine, "minutes": (time.time() - start) / 60,
               "independent_judge_accuracy_on_real_digits": svm_heldout, **results}
-    header = (f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}, {report['minutes']:.0f} min; held-out prompts × "
-              f"{args.samples_per_prompt}, seed {args.seed}")
+    header = (f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}, {report['minutes']:.0f} min; "
+              f"held-out prompts × {args.samples_per_prompt}, seed {args.seed}")
     return write_report(report, header, results_dir, args.name)
 
 
