@@ -54,9 +54,9 @@ Each run that finishes is also appended to ``runs/<name>_progress.csv`` at once,
 ``--time-limit`` stops runs still going (their curves end early and the comparison uses the budget all runs
 reached); ``--report-from CSV`` redoes the table, plot and headline of an earlier run without running anything.
 ``--report-from A.csv B.csv …`` merges runs of the same protocol (e.g. one tuned run per backbone, run one after
-the other) into one result, ``<name>.{csv,json,md,png}``, as if they had run as one; a later CSV's runs of a
-(backbone, method) replace an earlier one's (a method's variant, run apart with its own overrides, against the
-others).
+the other) into one result, ``<name>.{csv,json,md,png}`` (``--name`` required), as if they had run as one; a
+later CSV's runs of a (backbone, method) replace an earlier one's (a method's variant, run apart with its own
+overrides, against the others).
 ``--quick`` (one seed, DiT only, 2 iterations, a tiny evaluation, written under ``results/quick/``) checks the
 pipeline end to end in about a minute; a test runs it.
 """
@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--report-from, the CSV's stem)")
     parser.add_argument("--report-from", type=Path, nargs="+", default=None, metavar="CSV",
                         help="no runs: redo the table, plot and headline from an earlier run's CSV; several CSVs "
-                             "(e.g. one per backbone) are merged into one result, <name>.{csv,json,md,png}")
+                             "(e.g. one per backbone) are merged into one result, <name>.{csv,json,md,png} "
+                             "(--name required)")
     parser.add_argument("--quick", action="store_true", help="one seed, DiT only, 2 iterations, a tiny evaluation")
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                         help="tuned protocol: every method's grid on --tune-seed, then the best on every seed")
@@ -439,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
+    if args.report_from and len(args.report_from) > 1 and not args.name:  # the merged CSV would overwrite an input
+        parser.error("a merge of several --report-from CSVs writes <name>.csv: give it a --name of its own")
     args.name = args.name or (args.report_from[0].stem if args.report_from else task.name)  # a redo keeps its stem
     args.eval_samples = args.eval_samples or task.eval_samples
     out_dir = Path(args.out) if args.out else RESULTS

@@ -372,6 +372,10 @@ def test_report_from_several_csvs_merges_them_into_one_result(tmp_path, monkeypa
     common = ["--methods", "actor_critic", "grpo", "--seeds", "0", "1", "--iterations", "2", "--out", str(tmp_path)]
     for backbone in ("dit", "unet"):  # one tuned run per backbone, as a long benchmark is split
         assert se.main([*common, "--backbones", backbone, "--grid", "actor_lr=1e-4,2e-4", "--name", backbone]) == 0
+    dit_csv = (tmp_path / "dit.csv").read_text()
+    with pytest.raises(SystemExit):  # without a --name the merged CSV would overwrite dit.csv, an input
+        se.main([*common, "--report-from", str(tmp_path / "dit.csv"), str(tmp_path / "unet.csv")])
+    assert (tmp_path / "dit.csv").read_text() == dit_csv
     assert se.main([*common, "--report-from", str(tmp_path / "dit.csv"), str(tmp_path / "unet.csv"),
                     "--name", "both"]) == 0
     merged = json.loads((tmp_path / "both.json").read_text())
