@@ -41,9 +41,12 @@ and uses those per-iteration times instead (with ``--report-from``: without reru
 ``--seconds-per-iteration METHOD=S …`` (or ``BACKBONE/METHOD=S`` for one backbone of a merged report) gives such
 times directly.
 
-``--reuse CSV`` takes the complete runs of an earlier CSV instead of running them again (runs are deterministic
-for a given seed and thread count, so the result is the same; e.g. a grid around runs already done). It is for
-runs of the same task, budget and overrides; the tool cannot check the overrides.
+``--reuse CSV …`` takes the complete runs of earlier CSVs instead of running them again (runs are deterministic
+for a given seed and thread count, so the result is the same; e.g. a grid around runs already done, or a grid run
+on one seed and its choice run apart on the others: ``--grid … --seeds 0 1 2 --reuse grid.csv seeds.csv`` runs
+nothing and reports them as one tuned result). A later CSV's copy of a run wins; a CSV's results JSON beside it,
+where there is one, gives its runs' wall time and final explained variance. It is for runs of the same task,
+budget and overrides; the tool cannot check the overrides.
 
 Each run that finishes is also appended to ``runs/<name>_progress.csv`` at once, so a benchmark that is stopped
 (or whose machine goes away) keeps its complete runs: ``--reuse`` that file to go on where it stopped.
@@ -268,22 +271,30 @@ def append_progress(path: Path, task: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def reused_results(path: Path, task: str, iterations: int) -> dict:
-    """``--reuse``: the complete runs of an earlier CSV (their last evaluation at ``iterations``), as
-    :func:`run_all` returns them (``summary`` ``None``), keyed by ``(backbone, method, seed, config)``."""
-    spec, by_run = TASKS[task], {}
-    for r in read_csv(path):
-        by_run.setdefault((r["backbone"], r["method"], r["seed"], r.get("config", "")), []).append(r)
-    results = {}
-    for job, rows in by_run.items():
-        # a progress file can hold a run twice (the benchmark run again): its last rows win
-        rows = sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])
-        if rows[-1]["iteration"] != iterations:
-            continue  # stopped early, or another budget: run it again
-        evals = [{"label": "reused", "iteration": r["iteration"], "samples": r["samples"],
-                  "train_seconds": r["train_seconds"], spec.accuracy: r["accuracy"], spec.reward: r["reward"],
-                  **{key: r.get(column, math.nan) for column, key in spec.extra}} for r in rows]
-        results[job] = {"evals": evals, "summary": None, "wall_s": math.nan, "complete": True}
+def reused_results(paths: Path | list[Path], task: str, iterations: int) -> dict:
+    """``--reuse``: the complete runs of earlier CSVs (their last evaluation at ``iterations``), as
+    :func:`run_all` returns them, keyed by ``(backbone, method, seed, config)``; a later CSV's copy of a run wins.
+    Where a CSV has its results JSON beside it, the run's ``wall_s`` and final explained variance come from there
+    (else NaN and ``summary`` ``None``)."""
+    spec, results = TASKS[task], {}
+    for path in [paths] if isinstance(paths, Path) else paths:
+        by_run = {}
+        for r in read_csv(path):
+            by_run.setdefault((r["backbone"], r["method"], r["seed"], r.get("config", "")), []).append(r)
+        sibling = path.with_suffix(".json")
+        recorded = json.loads(sibling.read_text()).get("runs", {}) if sibling.is_file() else {}
+        for job, rows in by_run.items():
+            # a progress file can hold a run twice (the benchmark run again): its last rows win
+            rows = sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])
+            if rows[-1]["iteration"] != iterations:
+                continue  # stopped early, or another budget: run it again
+            evals = [{"label": "reused", "iteration": r["iteration"], "samples": r["samples"],
+                      "train_seconds": r["train_seconds"], spec.accuracy: r["accuracy"], spec.reward: r["reward"],
+                      **{key: r.get(column, math.nan) for column, key in spec.extra}} for r in rows]
+            run = recorded.get("/".join(map(str, job)), {})
+            explained = run.get("final_explained_variance")
+            results[job] = {"evals": evals, "wall_s": run.get("wall_s", math.nan), "complete": True,
+                            "summary": None if explained is None else {"final_explained_variance": explained}}
     return results
 
 
@@ -292,8 +303,8 @@ def run_or_reuse(jobs: list[tuple[str, str, int, str]], args: argparse.Namespace
     """:func:`run_all` on the jobs that ``args.reused`` (``--reuse``) does not already hold."""
     reused = {job: args.reused[job] for job in jobs if job in args.reused}
     if reused:
-        print(f"reusing {len(reused)} complete run(s) of {args.reuse}: " + ", ".join(run_name(*j) for j in reused),
-              flush=True)
+        print(f"reusing {len(reused)} complete run(s) of {', '.join(map(str, args.reuse))}: "
+              + ", ".join(run_name(*j) for j in reused), flush=True)
     fresh = [job for job in jobs if job not in reused]
     return {**reused, **(run_all(fresh, args, out_dir, start) if fresh else {})}
 
@@ -434,9 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="each run writes its final state to checkpoints/last.ckpt in its run folder (e.g. for "
                              "benchmarks.steering); by default runs write no checkpoint")
-    parser.add_argument("--reuse", type=Path, default=None, metavar="CSV",
-                        help="take the complete runs of an earlier CSV (same task, iterations and overrides) "
-                             "instead of running them again")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=None, metavar="CSV",
+                        help="take the complete runs of earlier CSVs (same task, iterations and overrides) "
+                             "instead of running them again; a later CSV's copy of a run wins")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, after --")
     args = parser.parse_args(argv)
     task = TASKS[args.task]

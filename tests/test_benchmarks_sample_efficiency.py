@@ -286,6 +286,43 @@ def test_reuse_takes_complete_earlier_runs_instead_of_running_them(tmp_path, mon
     assert calls == [[("dit", "actor_critic", 0, "actor_lr=1e-4")]]
 
 
+def test_reuse_of_a_grid_and_its_seeds_run_apart_makes_one_tuned_result(tmp_path, monkeypatch):
+    import benchmarks.sample_efficiency as se
+
+    def fake_run_all(jobs, args, out_dir, start=None):
+        return {job: {"evals": [{"label": "base", "iteration": 0, "samples": 0, "train_seconds": 0.0,
+                                 "eval/digit_alignment": 0.3, "eval/digit_alignment_accuracy": 0.3},
+                                {"label": "final", "iteration": 2, "samples": 64, "train_seconds": 5.0,
+                                 "eval/digit_alignment": 0.5,
+                                 "eval/digit_alignment_accuracy": {"actor_lr=1e-4": 0.8, "actor_lr=2e-4": 0.6}[job[3]]
+                                 + 0.01 * job[2]}],
+                      "summary": {"final_explained_variance": 0.1 * (job[2] + 1)}, "wall_s": 3.0 + job[2],
+                      "complete": True} for job in jobs}
+
+    monkeypatch.setattr(se, "run_all", fake_run_all)
+    monkeypatch.setattr(se, "plot", lambda *a, **k: None)
+    common = ["--backbones", "dit", "--methods", "grpo", "--iterations", "2", "--out", str(tmp_path)]
+    assert se.main([*common, "--seeds", "0", "--grid", "actor_lr=1e-4,2e-4", "--name", "grid"]) == 0
+    assert se.main([*common, "--seeds", "1", "2", "--selected-from", str(tmp_path / "grid.json"),
+                    "--name", "seeds"]) == 0
+
+    def nothing_to_run(jobs, args, out_dir, start=None):
+        raise AssertionError(f"every run was reused, yet {jobs} ran")
+
+    monkeypatch.setattr(se, "run_all", nothing_to_run)
+    assert se.main([*common, "--seeds", "0", "1", "2", "--grid", "actor_lr=1e-4,2e-4", "--name", "tuned",
+                    "--reuse", str(tmp_path / "grid.csv"), str(tmp_path / "seeds.csv")]) == 0
+    tuned = json.loads((tmp_path / "tuned.json").read_text())
+    assert tuned["protocol"]["selected"] == {"dit/grpo": "actor_lr=1e-4"}
+    assert sorted(tuned["runs"]) == [f"dit/grpo/{seed}/actor_lr={lr}" for seed, lr in
+                                     [(0, "1e-4"), (0, "2e-4"), (1, "1e-4"), (2, "1e-4")]]
+    run = tuned["runs"]["dit/grpo/2/actor_lr=1e-4"]  # diagnostics from the JSON beside the seeds' CSV
+    assert run["final_explained_variance"] == pytest.approx(0.3) and run["wall_s"] == 5.0
+    assert run["evals"][-1]["eval/digit_alignment_accuracy"] == pytest.approx(0.82)
+    rows = [r for r in se.read_csv(tmp_path / "tuned.csv") if r["selected"] and r["iteration"] == 2]
+    assert sorted((r["seed"], round(r["accuracy"], 6)) for r in rows) == [(0, 0.8), (1, 0.81), (2, 0.82)]
+
+
 def test_each_finished_run_is_kept_at_once_so_an_interrupted_benchmark_can_be_reused(tmp_path, monkeypatch):
     import argparse
     import sys
