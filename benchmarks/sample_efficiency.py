@@ -275,14 +275,13 @@ def reused_results(paths: Path | list[Path], task: str, iterations: int) -> dict
     """``--reuse``: the complete runs of earlier CSVs (their last evaluation at ``iterations``), as
     :func:`run_all` returns them, keyed by ``(backbone, method, seed, config)``; a later CSV's copy of a run wins.
     Where a CSV has its results JSON beside it, the run's ``wall_s`` and final explained variance come from there
-    (else NaN and ``summary`` ``None``)."""
+    (:func:`recorded_runs`; else NaN and ``summary`` ``None``)."""
     spec, results = TASKS[task], {}
     for path in [paths] if isinstance(paths, Path) else paths:
         by_run = {}
         for r in read_csv(path):
             by_run.setdefault((r["backbone"], r["method"], r["seed"], r.get("config", "")), []).append(r)
-        sibling = path.with_suffix(".json")
-        recorded = json.loads(sibling.read_text()).get("runs", {}) if sibling.is_file() else {}
+        recorded = recorded_runs(results_json(path))
         for job, rows in by_run.items():
             # a progress file can hold a run twice (the benchmark run again): its last rows win
             rows = sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])
@@ -291,11 +290,28 @@ def reused_results(paths: Path | list[Path], task: str, iterations: int) -> dict
             evals = [{"label": "reused", "iteration": r["iteration"], "samples": r["samples"],
                       "train_seconds": r["train_seconds"], spec.accuracy: r["accuracy"], spec.reward: r["reward"],
                       **{key: r.get(column, math.nan) for column, key in spec.extra}} for r in rows]
-            run = recorded.get("/".join(map(str, job)), {})
-            explained = run.get("final_explained_variance")
-            results[job] = {"evals": evals, "wall_s": run.get("wall_s", math.nan), "complete": True,
-                            "summary": None if explained is None else {"final_explained_variance": explained}}
+            earlier = recorded.get(job, {})
+            results[job] = {"evals": evals, "wall_s": earlier.get("wall_s", math.nan), "complete": True,
+                            "summary": earlier.get("summary")}
     return results
+
+
+def results_json(csv_path: Path) -> dict:
+    """The results JSON written beside ``csv_path`` (``{}`` where there is none, e.g. a progress file)."""
+    path = csv_path.with_suffix(".json")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def recorded_runs(previous: dict) -> dict:
+    """A results JSON's runs as :func:`run_all` returns them (``summary`` holds the final explained variance
+    only), keyed by ``(backbone, method, seed, config)``."""
+    runs = {}
+    for key, run in previous.get("runs", {}).items():
+        backbone, method, seed, config = key.split("/", 3)
+        runs[backbone, method, int(seed), config] = {
+            "evals": run["evals"], "wall_s": run["wall_s"], "complete": run["complete"],
+            "summary": {"final_explained_variance": run.get("final_explained_variance")}}
+    return runs
 
 
 def run_or_reuse(jobs: list[tuple[str, str, int, str]], args: argparse.Namespace, out_dir: Path,
@@ -321,14 +337,9 @@ def earlier_runs(paths: list[Path]) -> tuple[list[dict], dict, str, dict | None]
         replaced = {(r["backbone"], r["method"]) for r in theirs_rows}
         rows = [r for r in rows if (r["backbone"], r["method"]) not in replaced] + theirs_rows
         results = {job: r for job, r in results.items() if job[:2] not in replaced}
-        earlier = path.with_suffix(".json")
-        previous = json.loads(earlier.read_text()) if earlier.is_file() else {}
+        previous = results_json(path)
         machines.append(previous.get("machine", f"see {path.name}'s run"))
-        for key, run in previous.get("runs", {}).items():
-            backbone, method, seed, config = key.split("/", 3)
-            results[backbone, method, int(seed), config] = {
-                "evals": run["evals"], "wall_s": run["wall_s"], "complete": run["complete"],
-                "summary": {"final_explained_variance": run.get("final_explained_variance")}}
+        results.update(recorded_runs(previous))
         theirs = previous.get("protocol")
         if protocol is None or theirs is None:
             protocol = protocol or theirs
