@@ -76,6 +76,27 @@ def test_ddim_eta0_mean_matches_diffusers(scheduler_kwargs):
         assert ref.pred_original_sample.abs().max() <= 1.0
 
 
+
+@pytest.mark.parametrize("scheduler_clips", [True, False], ids=["scheduler_clips", "scheduler_does_not"])
+@pytest.mark.parametrize("override", [None, True, False], ids=["scheduler's", "clip", "no_clip"])
+def test_ddim_clip_sample_override(scheduler_clips, override):
+    """``DDIMSampler(clip_sample=…)`` decides whether x̂0 is clamped; ``None`` follows the scheduler. The step
+    equals diffusers' with the scheduler configured as the sampler decided, and clipping changes the mean."""
+    torch.manual_seed(0)
+    scheduler = _ddim_scheduler(clip_sample=scheduler_clips)
+    sampler = DDIMSampler(num_steps=K, eta=1.0, clip_sample=override)
+    sampler.setup(scheduler)
+    clips = scheduler_clips if override is None else override
+    assert sampler.clip_sample is clips
+    reference = _ddim_scheduler(clip_sample=clips)
+    x, model_output, noise = 3.0 * torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
+    t = reference.timesteps[0]
+    ref = reference.step(model_output, t, x, eta=1.0, variance_noise=noise)
+    out = sampler.step(model_output, 0, x, noise=noise)
+    torch.testing.assert_close(out.prev_sample, ref.prev_sample, rtol=1e-5, atol=1e-5)
+    other = _ddim_scheduler(clip_sample=not clips).step(model_output, t, x, eta=1.0, variance_noise=noise)
+    assert not torch.allclose(out.prev_sample, other.prev_sample, atol=1e-3)  # x̂0 leaves [-1, 1] at this scale
+
 def test_ddim_eta1_sample_matches_diffusers_with_fixed_noise():
     torch.manual_seed(0)
     sampler, scheduler = _ddim_sampler(eta=1.0)
@@ -271,6 +292,8 @@ def test_validation_errors():
         DDIMSampler(num_steps=0)
     with pytest.raises(ValueError, match="eta"):
         DDIMSampler(eta=-0.1)
+    with pytest.raises(ValueError, match="clip_sample must be true, false or null"):
+        DDIMSampler(clip_sample="yes")
     with pytest.raises(ValueError, match="noise_level"):
         FlowSDESampler(noise_level=-1.0)
     with pytest.raises(ValueError, match="DDIMScheduler"):

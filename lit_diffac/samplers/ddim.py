@@ -137,8 +137,8 @@ class DDIMSampler(Sampler):
     """Stochastic DDIM over a `diffusers.DDIMScheduler`'s noise schedule (SD1.5 / UNet family).
 
     `setup` copies the scheduler's ``alphas_cumprod``, ``final_alpha_cumprod`` (which honours its
-    ``set_alpha_to_one``), ``prediction_type``, ``clip_sample``, ``clip_sample_range`` and
-    ``num_train_timesteps``.  The timesteps are always computed with **trailing** spacing, whatever the
+    ``set_alpha_to_one``), ``prediction_type``, ``clip_sample`` (unless the constructor overrides it),
+    ``clip_sample_range`` and ``num_train_timesteps``.  The timesteps are always computed with **trailing** spacing, whatever the
     scheduler's own ``timestep_spacing``: with "leading" spacing the last step lands on ``t = 0`` where
     σ_t = 0 and the log-probability is undefined (DESIGN §2).  As in diffusers, the previous timestep of
     ``t`` is ``t' = t − T // K`` (when ``K`` does not divide ``T`` this can differ by one from the next
@@ -147,21 +147,30 @@ class DDIMSampler(Sampler):
     Args:
         num_steps: number ``K`` of denoising steps.
         eta: DDIM η ≥ 0 (1.0 for RL rollouts; 0.0 gives deterministic DDIM with zero log-probs).
+        clip_sample: clamp x̂0 to the clip range at every step, as diffusers does when the scheduler's
+            ``clip_sample`` is true; ``None`` (default) takes the scheduler's setting. Where x̂0 is clamped its
+            gradient is zero, so the step's mean responds to ε̂ only through the direction term, with the
+            opposite sign and a smaller coefficient: a policy that clips can hardly be trained at the steps
+            where most of x̂0 is clipped (the toy UNets clip 75–90 % of x̂0 at the first step; SD1.5's scheduler
+            does not clip). ``False`` samples without clipping whatever the scheduler says.
     """
 
-    def __init__(self, num_steps: int = 10, eta: float = 1.0) -> None:
+    def __init__(self, num_steps: int = 10, eta: float = 1.0, clip_sample: bool | None = None) -> None:
         super().__init__(num_steps)
         if not eta >= 0:
             raise ConfigError(f"invalid DDIMSampler: eta must be >= 0 (got {eta!r})")
+        if clip_sample is not None and not isinstance(clip_sample, bool):
+            raise ConfigError(f"invalid DDIMSampler: clip_sample must be true, false or null (got {clip_sample!r})")
         self.eta = float(eta)
+        self.clip_sample_override = clip_sample
         self.prediction_type = "epsilon"
-        self.clip_sample = False
+        self.clip_sample = bool(clip_sample)
         self.clip_sample_range = 1.0
         self._warned_clip = False
         self.init_noise_sigma = 1.0
 
     def _hparams(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "eta": self.eta}
+        return {"num_steps": self.num_steps, "eta": self.eta, "clip_sample": self.clip_sample_override}
 
     def setup(self, scheduler: Any) -> None:
         """Read a `diffusers.DDIMScheduler` (not modified) and precompute ᾱ_t, ᾱ_{t'} and σ_t per step."""
@@ -194,7 +203,7 @@ class DDIMSampler(Sampler):
 
         self.num_train_timesteps = T
         self.prediction_type = config.prediction_type
-        self.clip_sample = bool(config.clip_sample)
+        self.clip_sample = bool(config.clip_sample) if self.clip_sample_override is None else self.clip_sample_override
         self.clip_sample_range = float(config.clip_sample_range)
         self.init_noise_sigma = float(scheduler.init_noise_sigma)
         self._set_tables(timesteps, alpha_t=alpha_t, alpha_prev=alpha_prev)
