@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -54,8 +55,11 @@ def clipped_fractions(backbone, sampler, prompts: list[str], seed: int) -> list[
     original = ddim.ddim_step_with_logprob
 
     def recording(model_output, sample, alpha_prod_t, alpha_prod_t_prev, **kwargs):
-        alpha = torch.as_tensor(alpha_prod_t, dtype=sample.dtype).reshape(-1, *[1] * (sample.dim() - 1))
-        x0 = (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
+        # the step's own x̂0 (any prediction type), from the same step without clipping; scoring a given
+        # action draws no noise, so the rollout's random stream is untouched
+        x0 = original(model_output, sample, alpha_prod_t, alpha_prod_t_prev,
+                      **{**kwargs, "clip_sample": False, "prev_sample": sample, "noise": None,
+                         "generator": None}).pred_original_sample
         fractions.append(float((x0.abs() > sampler.clip_sample_range).float().mean()))
         return original(model_output, sample, alpha_prod_t, alpha_prod_t_prev, **kwargs)
 
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 1:
         parser.error("--samples must be >= 1")
     torch.set_num_threads(args.threads)
-    command = "python -m benchmarks.ddim_clipping " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m benchmarks.ddim_clipping " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"benchmark": "ddim_clipping", "command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M"),
               "samples": args.samples, "seed": args.seed,
               "models": {name: measure(name, args.samples, args.seed, args.accuracy) for name in args.models}}

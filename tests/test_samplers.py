@@ -76,7 +76,6 @@ def test_ddim_eta0_mean_matches_diffusers(scheduler_kwargs):
         assert ref.pred_original_sample.abs().max() <= 1.0
 
 
-
 @pytest.mark.parametrize("scheduler_clips", [True, False], ids=["scheduler_clips", "scheduler_does_not"])
 @pytest.mark.parametrize("override", [None, True, False], ids=["scheduler's", "clip", "no_clip"])
 def test_ddim_clip_sample_override(scheduler_clips, override):
@@ -96,6 +95,7 @@ def test_ddim_clip_sample_override(scheduler_clips, override):
     torch.testing.assert_close(out.prev_sample, ref.prev_sample, rtol=1e-5, atol=1e-5)
     other = _ddim_scheduler(clip_sample=not clips).step(model_output, t, x, eta=1.0, variance_noise=noise)
     assert not torch.allclose(out.prev_sample, other.prev_sample, atol=1e-3)  # x̂0 leaves [-1, 1] at this scale
+
 
 def test_ddim_eta1_sample_matches_diffusers_with_fixed_noise():
     torch.manual_seed(0)

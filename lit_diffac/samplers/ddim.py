@@ -138,8 +138,8 @@ class DDIMSampler(Sampler):
 
     `setup` copies the scheduler's ``alphas_cumprod``, ``final_alpha_cumprod`` (which honours its
     ``set_alpha_to_one``), ``prediction_type``, ``clip_sample`` (unless the constructor overrides it),
-    ``clip_sample_range`` and ``num_train_timesteps``.  The timesteps are always computed with **trailing** spacing, whatever the
-    scheduler's own ``timestep_spacing``: with "leading" spacing the last step lands on ``t = 0`` where
+    ``clip_sample_range`` and ``num_train_timesteps``.  The timesteps are always computed with **trailing**
+    spacing, whatever the scheduler's own ``timestep_spacing``: with "leading" spacing the last step lands on ``t = 0`` where
     σ_t = 0 and the log-probability is undefined (DESIGN §2).  As in diffusers, the previous timestep of
     ``t`` is ``t' = t − T // K`` (when ``K`` does not divide ``T`` this can differ by one from the next
     timestep of the chain; the update is still the one diffusers computes).
