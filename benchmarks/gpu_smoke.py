@@ -6,7 +6,7 @@ loaded back through the same code path as real SD1.5 / SDXL / SD3.5 / FLUX.1 wei
 iterations with a LoRA policy, bf16 frozen weights + bf16 autocast and gradient checkpointing, then the same with
 classifier-free guidance (negative prompt) and a separate critic adapter, and prints one JSON line per run: seconds
 per iteration, ``torch.cuda.max_memory_allocated``, the on-policy ratio deviation and the rewards.  Exits 1 if any
-run fails (or produces non-finite numbers)::
+run fails, skips an update or produces non-finite numbers::
 
     python -m benchmarks.gpu_smoke                 # CUDA (the default device when there is one)
     python -m benchmarks.gpu_smoke --device cpu    # anywhere, slowly
@@ -101,8 +101,11 @@ def run_once(family: str, folder: Path, device: str, variant: dict, args: argpar
         "policy_params": sum(p.numel() for p in backbone.policy_parameters()),
         "critic_adapter_params": sum(p.numel() for p in backbone.critic_parameters()),
     }
-    finite = [v for v in (out["reward_mean"], out["approx_kl"], *times) if v is not None]
-    if len(times) != 2 or not all(math.isfinite(v) for v in finite):
+    skipped = sum(m.get("fault/skipped", 0.0) for m in metrics)
+    if skipped:  # the fault guard kept the run alive, but an update that never happens is a failed smoke test
+        raise RuntimeError(f"{skipped:.0f} of {len(metrics)} updates skipped (non-finite numbers): {out}")
+    finite = [out["reward_mean"], out["approx_kl"], *times]
+    if len(times) != 2 or not all(v is not None and math.isfinite(v) for v in finite):
         raise RuntimeError(f"bad measurements: {out}")
     return out
 

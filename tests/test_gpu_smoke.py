@@ -36,3 +36,20 @@ def test_gpu_smoke_exits_non_zero_on_a_failure(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_smoke, "run_once", broken)
     assert gpu_smoke.main(["--device", "cpu", "--families", "sd3", "--runs", "lora_bf16_ckpt",
                            "--sample-size", "8"]) == 1
+
+
+def test_gpu_smoke_fails_when_an_update_is_skipped(monkeypatch, tmp_path, capsys):
+    """The fault guard keeps a run with non-finite gradients alive; the smoke test must still call it a failure."""
+    from lit_diffac.faults import NonFiniteUpdate
+    from lit_diffac.modules import LatentActorCritic
+
+    def non_finite(self, *args, **kwargs):
+        raise NonFiniteUpdate("actor_grad_norm is not finite")
+
+    monkeypatch.setattr(LatentActorCritic, "update", non_finite)
+    out = tmp_path / "smoke.json"
+    assert gpu_smoke.main(["--device", "cpu", "--families", "sd15", "--runs", "lora_bf16_ckpt", "--steps", "2",
+                           "--batch-size", "2", "--sample-size", "8", "--out", str(out)]) == 1
+    (result,) = json.loads(out.read_text())
+    assert "2 of 2 updates skipped" in result["error"]
+    assert "0/1 runs passed" in capsys.readouterr().out
