@@ -2,7 +2,8 @@
 
 A rollout of ``B`` prompts over ``K`` denoising steps stores the whole chain of latents, the per-step
 log-probabilities of the actions taken and the critic's value estimates, all computed by ONE backbone
-forward per step (the value head reads the features of the same pass that predicts ε̂ / v̂).
+forward per step (the value head reads the features of the same pass that predicts ε̂ / v̂; it runs once per
+rollout, on every step's features together).
 
 :func:`denoise` is the single place where a backbone output is turned into a sampler input (with
 optional classifier-free guidance); rollouts and PPO updates both call it, so the recomputed
@@ -112,6 +113,23 @@ def sample_prompt_groups(prompts: Sequence[str], batch_size: int, group_size: in
 ValueFn = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def rollout_values(value_head: nn.Module, features: Sequence[Sequence[torch.Tensor]], sampler: Sampler,
+                   pooled: torch.Tensor, **read) -> torch.Tensor:
+    """Every step's values in ONE value-head call: ``features[k][tap]`` ``[B, ...]`` → ``[B, K, R]`` fp32.
+
+    The head sees the ``K·B`` states as one batch (step-major), with each step's diffusion time and the prompts'
+    pooled embeddings repeated per step; per state it computes what a call per step would (the head treats each
+    sample alone), but launches its kernels once per rollout instead of once per step, which is what the critic
+    cost in a GPU rollout, where small kernels are launch-bound.
+    """
+    steps, batch = len(features), pooled.shape[0]
+    device = pooled.device
+    taps = [torch.cat(per_step, dim=0) for per_step in zip(*features)]
+    t_frac = torch.cat([sampler.timestep_fraction(k).expand(batch) for k in range(steps)]).to(device)
+    values = value_head(taps, t_frac, pooled.repeat(steps, 1), **read).float()
+    return values.view(steps, batch, -1).transpose(0, 1)
+
+
 @torch.no_grad()
 def collect_rollout(
     backbone: DiffusionBackbone,
@@ -139,39 +157,44 @@ def collect_rollout(
         device: where to run (default: the backbone's).
         dtype: latent dtype fed to the backbone (log-prob maths stays fp32).
         keep_features: store every step's (compressed) backbone features in :attr:`Rollout.features`.
+
+    The value head runs once, on every step's (compressed) features together, after the chain
+    (:func:`rollout_values`); until then those features are held, as :attr:`Rollout.features` holds them.
     """
     device = torch.device(device) if device is not None else next(backbone.denoiser.parameters()).device
     prompts = list(prompts)
     cfg_scale = backbone.cfg_scale if cfg_scale is None else cfg_scale
     embeds = backbone.encode_prompts(prompts).to(device)
     uncond = backbone.encode_negative(len(prompts)).to(device) if cfg_scale != 1.0 else None
-    x = sampler.init_noise((len(prompts), *backbone.latent_shape), generator=generator, device=device)
-    latents, log_probs, values, kept = [x], [], [], []
+    batch = len(prompts)
+    x = sampler.init_noise((batch, *backbone.latent_shape), generator=generator, device=device)
+    latents, log_probs, read_by_head, kept = [x], [], [], []
     compress = getattr(value_head, "compress", None)  # the head's parameter-free pooling: once per step
-    for k in range(sampler.num_steps):
-        index = torch.full((len(prompts),), k, device=device, dtype=torch.long)
-        t = sampler.timestep_for(index, device=device)
+    read = {"compressed": True} if compress is not None else {}
+    for k in range(sampler.num_steps):  # step indices stay Python ints: no device → host sync inside the loop
+        t = sampler.timestep_for(k).to(device).expand(batch)
         prediction, features = denoise(backbone, x.to(dtype), t, embeds, cfg_scale, uncond)
-        read, raw = {}, features
+        raw = features
         if compress is not None:  # the value reads the pooled features as they are; they are kept in raw's dtype
-            features, read = [compress(f) for f in features], {"compressed": True}
+            features = [compress(f) for f in features]
         if keep_features:
             kept.append([f.to(r.dtype) for f, r in zip(features, raw)])
         if value_head is not None:
-            values.append(value_head(features, sampler.timestep_fraction(index).to(device), embeds.pooled,
-                                     **read).float())
-        else:
-            values.append(torch.zeros(len(prompts), num_values, device=device))
-        step = sampler.step(prediction, index, x, generator=generator)
+            read_by_head.append(features)
+        step = sampler.step(prediction, k, x, generator=generator)
         x = step.prev_sample
         latents.append(x)
         log_probs.append(step.log_prob)
+    if value_head is not None:
+        values = rollout_values(value_head, read_by_head, sampler, embeds.pooled, **read)
+    else:
+        values = torch.zeros(batch, sampler.num_steps, num_values, device=device)
     return Rollout(
         prompts=prompts,
         embeds=embeds,
         latents=torch.stack(latents, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
-        values=torch.stack(values, dim=1),
+        values=values,
         images=backbone.decode(x),
         features=[torch.stack(per_tap, dim=1) for per_tap in zip(*kept)] if keep_features else None,
     )

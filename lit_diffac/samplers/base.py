@@ -232,6 +232,9 @@ class Sampler(abc.ABC):
     ) -> torch.Tensor:
         """Per-sample long ``[B]`` step indices on ``device`` from an int or a ``[B]`` tensor."""
         self._check_setup()
+        if isinstance(step_index, int):  # checked on the host: no device → host sync (rollouts step by int)
+            self._check_index(torch.tensor(step_index))
+            return torch.full((batch_size,), step_index, dtype=torch.long, device=device)
         index = torch.as_tensor(step_index, dtype=torch.long, device=device)
         if index.ndim == 0:
             index = index.expand(batch_size)
