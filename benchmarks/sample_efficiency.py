@@ -16,7 +16,8 @@ iterations (seed 12345, CFG off; digits: 20 prompts × ``--eval-samples`` sample
 * ``<name>.png``: mean accuracy over seeds vs samples (band: min–max), one panel per backbone;
 * ``<name>.md``: accuracy per method at the largest budget every run reached, and the headline figure — the
   samples the actor-critic needs to reach GRPO's accuracy at that budget, as a fraction of it (the linearly
-  interpolated seed-mean curve; "not reached" when it never does within the budget).
+  interpolated seed-mean curve; "not reached" when it never does within the budget), beside GRPO's gain over the
+  base model (``grpo_gain``: when GRPO does not learn, the crossing measures noise, not speed).
 
 **Tuned protocol** (``--grid KEY=V1,V2,… [KEY=…]``, e.g. ``--grid actor_lr=2.5e-5,5e-5,1e-4,2e-4``): every
 method gets the same grid (the product of the listed recipe values), run on one seed (``--tune-seed``, default the

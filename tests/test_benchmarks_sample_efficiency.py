@@ -42,6 +42,7 @@ def test_mean_curve_and_interpolated_crossing():
     assert samples_to_reach(curve, 0.9) is None
     h = headline(rows, "dit")
     assert h["grpo_final"] == pytest.approx(0.5) and h["grpo_samples"] == 640
+    assert h["grpo_gain"] == pytest.approx(0.1)  # from 0.4 at 0 samples
     assert h["actor_critic_samples"] == pytest.approx(160.0) and h["fraction"] == pytest.approx(0.25)
 
 
