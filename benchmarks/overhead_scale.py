@@ -61,7 +61,7 @@ import time
 from pathlib import Path
 
 from benchmarks.sd_scaled import (CRITIC_REPLAY, LORA_RANK, MINIBATCH, PATCH_SIZE, PROMPTS, VALUE_HEAD, build_modules,
-                                  build_sd15, build_sd35m)
+                                  build_sd15, build_sd35m, stock_pipeline_latents)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,10 +206,8 @@ def _measure(name: str, settings: dict) -> dict:
                 p.copy_(p0)
 
     def run_pipeline():
-        extra = {"pooled_prompt_embeds": embeds.pooled} if name == "sd35m" else {"eta": 1.0}
         with autocast():
-            return pipe(prompt_embeds=embeds.hidden, num_inference_steps=steps, guidance_scale=1.0,
-                        output_type="latent", generator=generator(), **extra).images
+            return stock_pipeline_latents(name, pipe, embeds, steps, generator())
 
     phases = {
         "update_with_critic": lambda: critic.update(rollout, *optimizers["update_with_critic"]),

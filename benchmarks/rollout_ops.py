@@ -2,8 +2,8 @@
 
     python -m benchmarks.rollout_ops [--steps 10] [--batch 2] [--backbones sd15 sd35m] [--quick] [--out NAME]
 
-On a GPU, a denoiser step of batch 8 at SD1.5 / SD3.5-M shapes is bound by kernel launches (the H200 measurement
-in ``results/overhead_scale_gpu.md``), so what the rollout adds per step (log-prob maths, the value head) costs
+Where a GPU's denoiser steps are bound by kernel launches (the H200's small-batch timings in
+``results/overhead_scale_gpu.md`` look so), what the rollout adds per step (log-prob maths, the value head) costs
 in proportion to the number of operators it dispatches, not to their arithmetic. This benchmark counts them with
 a ``TorchDispatchMode`` (every ATen call below autograd, views included) on the CPU, for the SD-scale models of
 ``benchmarks.sd_scaled`` at their full depth (SD3.5-M's 24 blocks, SD1.5's two layers per level) but tiny widths
@@ -50,7 +50,7 @@ class OperatorCount(TorchDispatchMode):
 
 def count(name: str, steps: int, batch: int, quick: bool) -> dict:
     """Operator counts of the three phases for one backbone (``sd15`` / ``sd35m``)."""
-    from benchmarks.sd_scaled import PROMPTS, build_modules, build_sd15, build_sd35m
+    from benchmarks.sd_scaled import PROMPTS, build_modules, build_sd15, build_sd35m, stock_pipeline_latents
 
     settings = {"quick": True, "blocks": 2 if quick else 24, "unet_layers": 1 if quick else 2, "dtype": "float32",
                 "gradient_checkpointing": False, "steps": steps, "batch": batch, "seed": 0}
@@ -59,7 +59,6 @@ def count(name: str, steps: int, batch: int, quick: bool) -> dict:
     pipe.set_progress_bar_config(disable=True)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     embeds = backbone.encode_prompts(prompts)
-    extra = {"pooled_prompt_embeds": embeds.pooled} if name == "sd35m" else {"eta": 1.0}
 
     def generator():
         return torch.Generator().manual_seed(0)
@@ -67,8 +66,7 @@ def count(name: str, steps: int, batch: int, quick: bool) -> dict:
     phases = {
         "rollout": lambda: critic.roll_out(prompts, generator()),
         "rollout_without_critic": lambda: plain.roll_out(prompts, generator()),
-        "pipeline": lambda: pipe(prompt_embeds=embeds.hidden, num_inference_steps=steps, guidance_scale=1.0,
-                                 output_type="latent", generator=generator(), **extra),
+        "pipeline": lambda: stock_pipeline_latents(name, pipe, embeds, steps, generator()),
     }
     out = {}
     for phase in PHASES:

@@ -128,6 +128,14 @@ def build_sd15(settings: dict, seed: int = 0):
     return backbone, pipe, shape
 
 
+def stock_pipeline_latents(name: str, pipe, embeds, steps: int, generator):
+    """The stock pipeline's ``__call__`` on cached prompt embeddings, as the benchmarks compare it with a rollout:
+    guidance off, ``output_type="latent"`` (SD1.5: DDIM with η = 1, the RL sampler's)."""
+    extra = {"pooled_prompt_embeds": embeds.pooled} if name == "sd35m" else {"eta": 1.0}
+    return pipe(prompt_embeds=embeds.hidden, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+                generator=generator, **extra).images
+
+
 def _zero_reward(images, prompts, **_):  # never called: the benchmark sets the rollout's rewards itself
     return images.new_zeros(images.shape[0])
 
