@@ -18,7 +18,7 @@ from torch import nn
 
 from lit_diffac.backbones.base import DiffusionBackbone
 from lit_diffac.rollout import collect_rollout, denoise
-from lit_diffac.samplers.base import Sampler
+from lit_diffac.samplers.base import Sampler, step_window
 
 #: A backward pass through the backbone counted as this many forward passes (the usual rule of thumb).
 BACKWARD_COST = 2.0
@@ -42,19 +42,9 @@ class Samples:
 
 
 def _steps(spec: Sequence[int] | str | None, num_steps: int) -> set[int]:
-    """Which step indices to steer: ``None``/``"all"``, ``"last:N"``, ``"first:N"`` or a list of indices."""
-    if spec is None or spec == "all":
-        return set(range(num_steps))
-    if isinstance(spec, str):
-        where, _, n = spec.partition(":")
-        if where not in ("first", "last") or not n.isdigit():
-            raise ValueError(f"steering steps must be 'all', 'first:N', 'last:N' or a list of indices, got {spec!r}")
-        n = min(int(n), num_steps)
-        return set(range(n)) if where == "first" else set(range(num_steps - n, num_steps))
-    bad = [k for k in spec if not 0 <= k < num_steps]
-    if bad:
-        raise ValueError(f"steering steps {bad} outside [0, {num_steps})")
-    return set(spec)
+    """Which step indices to steer: ``None``/``"all"``, ``"last:N"``, ``"first:N"`` or a list of indices
+    (:func:`~lit_diffac.samplers.base.step_window`)."""
+    return set(step_window(spec, num_steps, what="steering steps"))
 
 
 def steered_sample(

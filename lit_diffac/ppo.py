@@ -21,34 +21,39 @@ from lit_diffac.losses import PolicyLossOutput, ValueLossOutput, explained_varia
 
 
 def shuffled_pairs(batch: int, num_steps: int, timestep_fraction: float, generator: torch.Generator,
-                   device: torch.device | str | None = None) -> torch.Tensor:
-    """The ``(i, k)`` pairs of one inner epoch, ``[batch · ⌈fraction · K⌉, 2]``, in training order.
+                   device: torch.device | str | None = None, steps: Sequence[int] | None = None) -> torch.Tensor:
+    """The ``(i, k)`` pairs of one inner epoch, ``[batch · ⌈fraction · W⌉, 2]``, in training order.
 
-    Each trajectory keeps a random subset of ``⌈fraction · K⌉`` steps (all of them at fraction 1; DDPO's
-    timestep fraction); the kept pairs of all trajectories are then shuffled together.
+    ``steps`` (default: all ``K = num_steps``) is the window of ``W`` step indices that may be trained.  Each
+    trajectory keeps a random subset of ``⌈fraction · W⌉`` of them (all at fraction 1; DDPO's timestep
+    fraction); the kept pairs of all trajectories are then shuffled together.
     """
-    kept = max(1, math.ceil(timestep_fraction * num_steps))
-    order = torch.argsort(torch.rand(batch, num_steps, generator=generator, device=device), dim=1)
-    pairs = torch.stack(torch.meshgrid(torch.arange(batch, device=device), torch.arange(num_steps, device=device),
-                                       indexing="ij"), -1)
+    window = torch.arange(num_steps, device=device) if steps is None else torch.as_tensor(list(steps), device=device)
+    kept = max(1, math.ceil(timestep_fraction * len(window)))
+    order = torch.argsort(torch.rand(batch, len(window), generator=generator, device=device), dim=1)
+    pairs = torch.stack(torch.meshgrid(torch.arange(batch, device=device), window, indexing="ij"), -1)
     pairs = torch.gather(pairs, 1, order[..., None].expand(-1, -1, 2))[:, :kept].reshape(-1, 2)
     return pairs[torch.randperm(len(pairs), generator=generator, device=device)]
 
 
-def advantage_pairs(advantages: torch.Tensor, timestep_fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """The ``(i, k)`` pairs of one inner epoch chosen by the critic, ``[B · ⌈fraction · K⌉, 2]``, in training order.
+def advantage_pairs(advantages: torch.Tensor, timestep_fraction: float, generator: torch.Generator,
+                    steps: Sequence[int] | None = None) -> torch.Tensor:
+    """The ``(i, k)`` pairs of one inner epoch chosen by the critic, ``[B · ⌈fraction · W⌉, 2]``, in training order.
 
-    Each trajectory ``i`` keeps the ``⌈fraction · K⌉`` steps with the largest ``|A_{i,k}|`` (``advantages [B, K]``;
-    ties: the earlier step), where its per-step advantages say the most about the policy: with a critic,
-    ``A_k = G − V(x_{t_k})`` (λ = 1) is near 0 at the steps whose outcome the critic already predicts, and a
-    clipped-PPO gradient is proportional to ``A``. The kept pairs of all trajectories are then shuffled together,
-    as in :func:`shuffled_pairs`. Critic-free advantages are equal along a trajectory, so this needs a critic.
+    Each trajectory ``i`` keeps the ``⌈fraction · W⌉`` steps of the window ``steps`` (default: all ``W = K``) with
+    the largest ``|A_{i,k}|`` (``advantages [B, K]``; ties: the earlier step), where its per-step advantages say the
+    most about the policy: with a critic, ``A_k = G − V(x_{t_k})`` (λ = 1) is near 0 at the steps whose outcome the
+    critic already predicts, and a clipped-PPO gradient is proportional to ``A``. The kept pairs of all trajectories
+    are then shuffled together, as in :func:`shuffled_pairs`. Critic-free advantages are equal along a trajectory,
+    so this needs a critic.
     """
     batch, num_steps = advantages.shape
-    kept = max(1, math.ceil(timestep_fraction * num_steps))
-    order = torch.argsort(-advantages.detach().abs(), dim=1, stable=True)[:, :kept]  # [B, kept]
+    window = torch.arange(num_steps, device=advantages.device) if steps is None else \
+        torch.as_tensor(list(steps), device=advantages.device)
+    kept = max(1, math.ceil(timestep_fraction * len(window)))
+    ranked = torch.argsort(-advantages.detach()[:, window].abs(), dim=1, stable=True)[:, :kept]  # [B, kept]
     rows = torch.arange(batch, device=advantages.device)[:, None].expand(-1, kept)
-    pairs = torch.stack([rows, order], -1).reshape(-1, 2)
+    pairs = torch.stack([rows, window[ranked]], -1).reshape(-1, 2)
     return pairs[torch.randperm(len(pairs), generator=generator, device=generator.device).to(pairs.device)]
 
 

@@ -126,7 +126,8 @@ def test_value_gradient_option_reaches_backbone(dit_backbone):
 @pytest.mark.parametrize("option, value", [
     ("clip_range", 1e-6), ("value_clip_range", 1e-3), ("timestep_fraction", 0.5), ("num_inner_epochs", 2),
     ("actor_lr", 1e-3), ("critic_lr", 1e-1), ("minibatch_size", 5),
-    ("max_grad_norm", 1e-6), ("estimator", "no_normalization"), ("critic_replay", "replay")])
+    ("max_grad_norm", 1e-6), ("estimator", "no_normalization"), ("critic_replay", "replay"),
+    ("train_steps", "first:9")])
 def test_every_option_changes_the_update(unet_backbone, toy_pipelines, option, value):
     """Same rollout and seed; changing one option changes the weights after one update."""
     from lit_diffac.backbones.unet import UNetBackbone
@@ -161,6 +162,19 @@ def test_advantage_step_selection_trains_on_the_critic_s_chosen_steps(toy_pipeli
     assert not torch.equal(results[0], results[1])
     assert all(0 <= m["train/trained_step_mean"] <= module.sampler.num_steps - 1 for m in metrics)
     assert metrics[0]["train/trained_step_mean"] != metrics[1]["train/trained_step_mean"]
+
+
+@pytest.mark.parametrize("spec, expected", [("first:3", [0, 1, 2]), ("last:1", [9]), ([2, 5], [2, 5])])
+def test_train_steps_limit_the_trained_steps(unet_backbone, spec, expected):
+    """The update trains on the window's steps only (each trajectory once per step), the rollout on all of them."""
+    module = make_module(unet_backbone, train_steps=spec)
+    attach_trainer(module)
+    rollout = rollout_for(module)
+    trained = module.training_pairs(rollout, torch.zeros(rollout.batch_size, rollout.num_steps),
+                                     torch.Generator().manual_seed(0))
+    assert rollout.num_steps == 10 and sorted(set(trained[:, 1].tolist())) == expected
+    assert len(trained) == rollout.batch_size * len(expected)
+    assert update(module, rollout)["train/trained_step_mean"] == pytest.approx(sum(expected) / len(expected))
 
 
 def test_cfg_changes_rollout(unet_backbone, toy_pipelines):
@@ -198,6 +212,10 @@ def test_config_validation(unet_backbone):
         make_module(unet_backbone, step_selection="advantage", timestep_fraction=0.5, estimator=GroupRelative())
     with pytest.raises(ValueError, match="step_selection must be"):
         make_module(unet_backbone, step_selection="largest")
+    with pytest.raises(ValueError, match="train_steps must be 'all', 'first:N', 'last:N'"):
+        make_module(unet_backbone, train_steps="middle:3")
+    with pytest.raises(ValueError, match=r"train_steps \[10\]: step indices must lie in \[0, 10\)"):
+        make_module(unet_backbone, train_steps=[0, 10])
     with pytest.raises(ValueError, match="group_baseline centres advantages on prompt groups"):
         make_module(unet_backbone, estimator=CriticGAE(group_baseline=True))
     make_module(unet_backbone, estimator=CriticGAE(group_baseline=True), samples_per_prompt=2)

@@ -99,7 +99,7 @@ def test_step_selection():
     assert _steps(None, 4) == {0, 1, 2, 3} and _steps("last:2", 4) == {2, 3} and _steps("first:1", 4) == {0}
     with pytest.raises(ValueError, match="steering steps"):
         _steps("middle", 4)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="must lie in"):
         _steps([5], 4)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+from lit_diffac.errors import ConfigError
 from lit_diffac.samplers import (
     DDIMSampler,
     FlowSDESampler,
@@ -326,3 +327,14 @@ def test_constructible_from_jsonargparse_config():
     )
     sampler = parser.instantiate_classes(cfg).sampler
     assert isinstance(sampler, FlowSDESampler) and sampler.num_steps == 3 and sampler.noise_level == 0.7
+
+
+def test_step_window_specs():
+    from lit_diffac.samplers import step_window
+
+    assert step_window(None, 4) == step_window("all", 4) == [0, 1, 2, 3]
+    assert step_window("first:3", 4) == [0, 1, 2] and step_window("last:1", 4) == [3]
+    assert step_window("first:9", 4) == [0, 1, 2, 3] and step_window([3, 1, 1], 4) == [1, 3]
+    for bad in ("first", "first:0", "middle:2", "last:-1", [], [4], [-1]):
+        with pytest.raises(ConfigError, match="train_steps"):
+            step_window(bad, 4, what="train_steps")

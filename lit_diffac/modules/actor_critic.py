@@ -46,7 +46,7 @@ from lit_diffac.ppo import (advantage_pairs, apply_learning_rates, build_optimiz
 from lit_diffac.resume import CHECKPOINT_KEY, load_training_state, training_state
 from lit_diffac.rewards.base import Reward
 from lit_diffac.rollout import Rollout, collect_rollout, denoise, iteration_generator, sample_prompt_groups
-from lit_diffac.samplers.base import Sampler
+from lit_diffac.samplers.base import Sampler, step_window
 from lit_diffac.samplers.flow import FlowSDESampler
 from lit_diffac.value_heads.head import ValueHead
 
@@ -73,6 +73,12 @@ class LatentActorCritic(L.LightningModule):
         step_selection: which steps those are: ``"random"`` (a random subset per sample and inner epoch, DDPO /
             flow_grpo) or ``"advantage"`` (those with the largest ``|A|``, :func:`~lit_diffac.ppo.advantage_pairs`:
             the critic says which denoising steps matter; needs a critic and ``timestep_fraction < 1``).
+        train_steps: the window of denoising steps the policy update may train on (``timestep_fraction`` and
+            ``step_selection`` choose within it): ``"all"``, ``"first:N"``, ``"last:N"`` or a list of step indices
+            (:func:`~lit_diffac.samplers.base.step_window`; step ``K − 1`` makes the image).  Rollouts still sample
+            every step; the others are not trained.  ``"first:9"`` of 10 is what flow_grpo's ``train_sd3.py``
+            trains (``range(int(10 · 0.99))``).  The PPO minibatches' value loss sees the same steps; critic
+            replay trains every step.
         clip_range: PPO ratio clip ε (per-dimension-mean log-probs make it tiny: paper 1e-5 SD1.5, 1e-4 SD3.5).
         value_clip_range: clip of ``V`` around ``V_old`` in the value loss (``None``: unclipped).
         kl_coef: weight β of the per-step KL to the reference policy (:func:`~lit_diffac.losses.reference_kl`);
@@ -110,6 +116,7 @@ class LatentActorCritic(L.LightningModule):
         num_inner_epochs: int = 1,
         timestep_fraction: float = 1.0,
         step_selection: Literal["random", "advantage"] = "random",
+        train_steps: str | list[int] = "all",
         clip_range: float = 1e-4,
         value_clip_range: float | None = None,
         kl_coef: float = 0.0,
@@ -136,6 +143,7 @@ class LatentActorCritic(L.LightningModule):
         self.register_buffer("reward_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.sampler = sampler if sampler is not None else default_sampler(backbone)
         self.sampler.setup(backbone.scheduler)
+        self.train_step_indices = step_window(train_steps, self.sampler.num_steps, what="train_steps")
         if kl_form == "flow_grpo" and not isinstance(self.sampler, FlowSDESampler):
             raise ConfigError(f"kl_form='flow_grpo' needs a FlowSDESampler, got {type(self.sampler).__name__} "
                               "(flow_grpo's KL divides by the flow SDE's diffusion coefficient); use kl_form='exact'")
@@ -322,8 +330,15 @@ class LatentActorCritic(L.LightningModule):
         """One inner epoch's ``(trajectory, step)`` pairs ``[N, 2]`` in training order (``step_selection``)."""
         hp = self.hparams
         if hp.step_selection == "advantage":
-            return advantage_pairs(advantages, hp.timestep_fraction, generator)
-        return shuffled_pairs(rollout.batch_size, rollout.num_steps, hp.timestep_fraction, generator, self.device)
+            return advantage_pairs(advantages, hp.timestep_fraction, generator, self.trained_steps(rollout))
+        return shuffled_pairs(rollout.batch_size, rollout.num_steps, hp.timestep_fraction, generator, self.device,
+                              self.trained_steps(rollout))
+
+    def trained_steps(self, rollout: Rollout) -> list[int] | None:
+        """``train_steps`` as indices (``None``: every step of the rollout, the common case)."""
+        if len(self.train_step_indices) == rollout.num_steps:
+            return None
+        return self.train_step_indices
 
     def forward_step(self, latents: torch.Tensor, step_index: torch.Tensor, embeds: PromptEmbeds,
                      next_latents: torch.Tensor, uncond: PromptEmbeds | None = None

@@ -4,7 +4,7 @@ One pure step function per sampler family (`ddim_step_with_logprob`, `flow_sde_s
 thin `Sampler` object per family that reads a diffusers scheduler and indexes per-sample step tables.
 """
 
-from .base import Sampler, StepOutput, gaussian_log_prob
+from .base import Sampler, StepOutput, gaussian_log_prob, step_window
 from .ddim import DDIMSampler, ddim_step_with_logprob, trailing_timesteps
 from .flow import FlowSDESampler, flow_sde_step_with_logprob
 
@@ -12,6 +12,7 @@ __all__ = [
     "StepOutput",
     "Sampler",
     "gaussian_log_prob",
+    "step_window",
     "ddim_step_with_logprob",
     "trailing_timesteps",
     "DDIMSampler",

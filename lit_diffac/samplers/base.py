@@ -25,7 +25,7 @@ import abc
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -135,6 +135,31 @@ def sample_or_score(
             raise ValueError(f"noise shape {tuple(noise.shape)} != sample shape {tuple(mean.shape)}")
         prev = mean + expand_like(std, mean) * noise.to(device=mean.device, dtype=torch.float32)
     return prev, gaussian_log_prob(prev, mean, std)
+
+
+def step_window(spec: str | Sequence[int] | None, num_steps: int, what: str = "steps") -> list[int]:
+    """A window of denoising step indices, sorted: ``None``/``"all"``, ``"first:N"``, ``"last:N"`` or a list.
+
+    Step ``k`` is the transition ``x_{t_k} → x_{t_{k+1}}`` (``k = 0`` from pure noise, ``K − 1`` to the image).
+    ``N`` larger than ``num_steps`` means every step.  ``what`` names the option in the error message.
+
+    Raises:
+        ConfigError: an unknown spec, an index outside ``[0, num_steps)`` or an empty window.
+    """
+    if spec is None or spec == "all":
+        return list(range(num_steps))
+    if isinstance(spec, str):
+        where, _, n = spec.partition(":")
+        if where not in ("first", "last") or not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"{what} must be 'all', 'first:N', 'last:N' (N >= 1) or a list of step indices, "
+                              f"got {spec!r}")
+        n = min(int(n), num_steps)
+        return list(range(n)) if where == "first" else list(range(num_steps - n, num_steps))
+    indices = sorted({int(k) for k in spec})
+    bad = [k for k in indices if not 0 <= k < num_steps]
+    if bad or not indices:
+        raise ConfigError(f"{what} {bad or 'is empty'}: step indices must lie in [0, {num_steps})")
+    return indices
 
 
 class Sampler(abc.ABC):
