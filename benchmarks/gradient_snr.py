@@ -5,7 +5,8 @@
 
 For each toy model it draws ``--batches`` independent training batches the way GRPO does (``--prompts`` training
 prompts × ``--group`` samples each, the recipes' sampler: DDIM η = 1 on a UNet, the flow SDE with a = 0.7 on a DiT,
-10 steps), scores them with the task's dense reward, standardises the rewards within each group, and computes, for
+10 steps), scores them with the task's dense reward, standardises the rewards within each prompt's group (GRPO's
+``group_relative_advantages``), and computes, for
 every denoising step ``k`` and batch ``b``, the ascent direction of that step's surrogate alone,
 ``g_{b,k} = ∇_θ mean_i A_i · log π_θ(x_{k+1,i} | x_{k,i})`` (the full policy's parameters).  Over the batches:
 
@@ -64,6 +65,7 @@ def step_gradients(model: str, batches: int, prompts_per_batch: int, group: int,
     from lit_diffac import rewards as reward_classes
     from lit_diffac.backbones import DiTBackbone, UNetBackbone
     from lit_diffac.data.prompts import load_prompts
+    from lit_diffac.estimators import group_relative_advantages
     from lit_diffac.evaluation import default_sampler
     from lit_diffac.rollout import collect_rollout, denoise
 
@@ -81,9 +83,9 @@ def step_gradients(model: str, batches: int, prompts_per_batch: int, group: int,
         with torch.no_grad():
             rollout = collect_rollout(backbone, sampler, batch,
                                       generator=torch.Generator().manual_seed(seed + 10_000 + b))
-            r = reward(rollout.images, batch).float().view(-1, group)
+            r = reward(rollout.images, batch).float()
         means.append(r.mean().item())
-        advantages = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)  # flow_grpo's
+        advantages = group_relative_advantages(r.reshape(-1, 1), batch)[:, 0]  # the GRPO module's own
         for k in range(sampler.num_steps):
             t = sampler.timestep_for(k).expand(len(batch))
             prediction, _ = denoise(backbone, rollout.latents[:, k], t, rollout.embeds)

@@ -20,6 +20,11 @@ from lit_diffac.distributed import clip_grad_norm
 from lit_diffac.losses import PolicyLossOutput, ValueLossOutput, explained_variance, ppo_policy_loss, value_loss
 
 
+def _window(num_steps: int, steps: Sequence[int] | None, device: torch.device | str | None) -> torch.Tensor:
+    """The step indices that may be trained, ``[W]`` (``None``: all ``num_steps``)."""
+    return torch.arange(num_steps, device=device) if steps is None else torch.as_tensor(list(steps), device=device)
+
+
 def shuffled_pairs(batch: int, num_steps: int, timestep_fraction: float, generator: torch.Generator,
                    device: torch.device | str | None = None, steps: Sequence[int] | None = None) -> torch.Tensor:
     """The ``(i, k)`` pairs of one inner epoch, ``[batch · ⌈fraction · W⌉, 2]``, in training order.
@@ -28,7 +33,7 @@ def shuffled_pairs(batch: int, num_steps: int, timestep_fraction: float, generat
     trajectory keeps a random subset of ``⌈fraction · W⌉`` of them (all at fraction 1; DDPO's timestep
     fraction); the kept pairs of all trajectories are then shuffled together.
     """
-    window = torch.arange(num_steps, device=device) if steps is None else torch.as_tensor(list(steps), device=device)
+    window = _window(num_steps, steps, device)
     kept = max(1, math.ceil(timestep_fraction * len(window)))
     order = torch.argsort(torch.rand(batch, len(window), generator=generator, device=device), dim=1)
     pairs = torch.stack(torch.meshgrid(torch.arange(batch, device=device), window, indexing="ij"), -1)
@@ -48,8 +53,7 @@ def advantage_pairs(advantages: torch.Tensor, timestep_fraction: float, generato
     so this needs a critic.
     """
     batch, num_steps = advantages.shape
-    window = torch.arange(num_steps, device=advantages.device) if steps is None else \
-        torch.as_tensor(list(steps), device=advantages.device)
+    window = _window(num_steps, steps, advantages.device)
     kept = max(1, math.ceil(timestep_fraction * len(window)))
     ranked = torch.argsort(-advantages.detach()[:, window].abs(), dim=1, stable=True)[:, :kept]  # [B, kept]
     rows = torch.arange(batch, device=advantages.device)[:, None].expand(-1, kept)

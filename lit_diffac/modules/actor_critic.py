@@ -328,17 +328,11 @@ class LatentActorCritic(L.LightningModule):
 
     def training_pairs(self, rollout: Rollout, advantages: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One inner epoch's ``(trajectory, step)`` pairs ``[N, 2]`` in training order (``step_selection``)."""
-        hp = self.hparams
+        hp, steps = self.hparams, self.train_step_indices  # every step: the same draws as no window
         if hp.step_selection == "advantage":
-            return advantage_pairs(advantages, hp.timestep_fraction, generator, self.trained_steps(rollout))
+            return advantage_pairs(advantages, hp.timestep_fraction, generator, steps)
         return shuffled_pairs(rollout.batch_size, rollout.num_steps, hp.timestep_fraction, generator, self.device,
-                              self.trained_steps(rollout))
-
-    def trained_steps(self, rollout: Rollout) -> list[int] | None:
-        """``train_steps`` as indices (``None``: every step of the rollout, the common case)."""
-        if len(self.train_step_indices) == rollout.num_steps:
-            return None
-        return self.train_step_indices
+                              steps)
 
     def forward_step(self, latents: torch.Tensor, step_index: torch.Tensor, embeds: PromptEmbeds,
                      next_latents: torch.Tensor, uncond: PromptEmbeds | None = None
