@@ -60,7 +60,8 @@ reached); ``--report-from CSV`` redoes the table, plot and headline of an earlie
 ``--report-from A.csv B.csv …`` merges runs of the same protocol (e.g. one tuned run per backbone, run one after
 the other) into one result, ``<name>.{csv,json,md,png}`` (``--name`` required), as if they had run as one; a
 later CSV's runs of a (backbone, method) replace an earlier one's (a method's variant, run apart with its own
-overrides, against the others).
+overrides, against the others). Different backbones may come with different grids (``protocol.per_backbone`` in
+the JSON); one backbone's runs must share one.
 ``--quick`` (one seed, DiT only, 2 iterations, a tiny evaluation, written under ``results/quick/``) checks the
 pipeline end to end in about a minute; a test runs it.
 """
@@ -330,9 +331,12 @@ def earlier_runs(paths: list[Path]) -> tuple[list[dict], dict, str, dict | None]
     """``--report-from``: the rows of earlier CSVs, their runs as :func:`run_all` returns them (from each CSV's
     JSON, where there is one), the machine line and the tuning protocol, merged over ``paths``.
 
-    Merged protocols must be the same experiment (grid, tuning seed, transferred source); their choices are joined.
-    A later CSV's runs of a (backbone, method) replace an earlier one's (e.g. a method variant run on its own)."""
-    rows, results, machines, protocol = [], {}, [], None
+    Runs of one backbone must be of the same experiment (grid, tuning seed, transferred source); CSVs of different
+    backbones may each have their own (e.g. a grid moved for one backbone), which the merged protocol then lists
+    under ``per_backbone``. Choices are joined. A later CSV's runs of a (backbone, method) replace an earlier one's
+    (e.g. a method variant run on its own)."""
+    keys = ("grid", "tune_seed", "configs", "transferred_from")
+    rows, results, machines, protocol, experiments = [], {}, [], None, {}
     for path in paths:
         theirs_rows = read_csv(path)
         replaced = {(r["backbone"], r["method"]) for r in theirs_rows}
@@ -342,15 +346,20 @@ def earlier_runs(paths: list[Path]) -> tuple[list[dict], dict, str, dict | None]
         machines.append(previous.get("machine", f"see {path.name}'s run"))
         results.update(recorded_runs(previous))
         theirs = previous.get("protocol")
-        if protocol is None or theirs is None:
-            protocol = protocol or theirs
+        if theirs is None:
             continue
-        for key in ("grid", "tune_seed", "configs", "transferred_from"):
-            if protocol.get(key) != theirs.get(key):
-                raise SystemExit(f"--report-from: {path} was run with {key} {theirs.get(key)!r}, an earlier CSV "
-                                 f"with {protocol.get(key)!r}; only runs of the same protocol merge")
+        experiment = {key: theirs.get(key) for key in keys}
+        for backbone in dict.fromkeys(r["backbone"] for r in theirs_rows):
+            mine = experiments.setdefault(backbone, experiment)
+            for key in keys:
+                if mine.get(key) != experiment.get(key):
+                    raise SystemExit(f"--report-from: {path} was run with {key} {experiment.get(key)!r}, an earlier "
+                                     f"CSV with {mine.get(key)!r} on {backbone}; only runs of the same protocol merge")
+        protocol = protocol or {**theirs, "selected": {}, "grid_results": {}}
         for key in ("selected", "grid_results"):
-            protocol.setdefault(key, {}).update(theirs.get(key, {}))
+            protocol[key].update(theirs.get(key, {}))
+    if protocol and len({json.dumps(e, sort_keys=True) for e in experiments.values()}) > 1:
+        protocol = {**{k: v for k, v in protocol.items() if k not in keys}, "per_backbone": experiments}
     machine = "; ".join(dict.fromkeys(machines)) + "; report redone from " + ", ".join(p.name for p in paths)
     return rows, results, machine, protocol
 

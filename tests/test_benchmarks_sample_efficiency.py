@@ -435,8 +435,18 @@ def test_report_from_several_csvs_merges_them_into_one_result(tmp_path, monkeypa
     assert {k.split("/")[1] for k in json.loads((tmp_path / "swapped.json").read_text())["runs"]} == {
         "actor_critic", "grpo"}
     assert se.main([*common, "--backbones", "unet", "--grid", "actor_lr=1e-4,3e-4", "--name", "other"]) == 0
-    with pytest.raises(SystemExit, match="only runs of the same protocol merge"):
-        se.main([*common, "--report-from", str(tmp_path / "dit.csv"), str(tmp_path / "other.csv"), "--name", "x"])
+    with pytest.raises(SystemExit, match="only runs of the same protocol merge"):  # one backbone, two grids
+        se.main([*common, "--report-from", str(tmp_path / "unet.csv"), str(tmp_path / "other.csv"), "--name", "x"])
+    # each backbone with its own grid merges, and the protocol says which grid each backbone had
+    assert se.main([*common, "--report-from", str(tmp_path / "dit.csv"), str(tmp_path / "other.csv"),
+                    "--name", "own_grids"]) == 0
+    own = json.loads((tmp_path / "own_grids.json").read_text())
+    assert [h["backbone"] for h in own["headline"]] == ["dit", "unet"]
+    assert {b: e["grid"] for b, e in own["protocol"]["per_backbone"].items()} == {
+        "dit": ["actor_lr=1e-4,2e-4"], "unet": ["actor_lr=1e-4,3e-4"]}
+    assert "grid" not in own["protocol"] and set(own["protocol"]["selected"]) == {
+        f"{b}/{m}" for b in ("dit", "unet") for m in ("actor_critic", "grpo")}
+    assert "per_backbone" not in merged["protocol"]  # one grid for both: the protocol as before
 
 
 def test_digit_runs_record_the_independent_judge_and_older_csvs_without_it_still_merge(tmp_path):
