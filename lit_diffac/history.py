@@ -88,13 +88,15 @@ class RunHistory:
     def summary(self, module: str, iterations: int, seed: int, checkpoint: str | Path | None = None) -> dict:
         """The ``summary.json`` of a run: base and final held-out metrics, diagnostics averaged over the last
         iterations (``train/…`` into ``final_train``; ``perf/…`` left out; an iteration where a diagnostic is
-        undefined, NaN, does not count for it), samples seen, wall time, training
+        undefined, NaN, does not count for it; explained variances pooled, :func:`pooled_explained_variance`;
+        ``final_explained_variance`` is the overall one), samples seen, wall time, training
         time (``train_seconds``; ``eval_train_seconds``: at each entry of ``eval_history``) and the
         checkpoint that holds the final weights (``None``: none written)."""
         base = next((e for e in self.evaluations if e["label"] == "base"), None)
         final = self.evaluations[-1] if self.evaluations else {}
         recent = self.recent
         averaged = {k: mean_finite([m[k] for m in recent if k in m]) for k in {k for m in recent for k in m}}
+        averaged.update(pooled_explained_variance(recent))
         wall = time.perf_counter() - (self.started or time.perf_counter())
         return {
             "module": module,
@@ -158,6 +160,27 @@ class IterationTimer:
         return {**{f"perf/{phase}_time": t for phase, t in self.phases.items()}, "perf/iteration_time": total,
                 "perf/samples_per_sec": samples / total, "perf/samples_seen": float(samples_seen),
                 **self.reward_times}
+
+
+def pooled_explained_variance(recent: list[Mapping[str, float]]) -> dict[str, float]:
+    """Explained variance over several iterations as one ratio: ``1 − Σ_i Var_i(G − V) / Σ_i Var_i(G)``.
+
+    For each ``train/explained_variance[_<third>]`` whose parts ``train/value_error_var[_<third>]`` and
+    ``train/return_var[_<third>]`` were logged (:func:`~lit_diffac.ppo.value_diagnostics`), over the iterations
+    where both are finite.  Unlike the mean of the per-iteration ratios, an iteration whose targets barely vary
+    (a batch that nearly all succeeded: Var(G) ≈ 0.01 of the usual) weighs by its target variance, so it cannot
+    drag the summary to −30 while the critic's error is as small as in any other iteration.  Keys without the
+    parts (runs of older versions, per-reward variances) are left out of the result.
+    """
+    out = {}
+    for bucket in ("", "_early", "_middle", "_late"):
+        parts = [(m[f"train/value_error_var{bucket}"], m[f"train/return_var{bucket}"]) for m in recent
+                 if f"train/return_var{bucket}" in m and f"train/value_error_var{bucket}" in m]
+        parts = [(e, r) for e, r in parts if math.isfinite(e) and math.isfinite(r)]
+        if parts:
+            total = sum(r for _, r in parts)
+            out[f"train/explained_variance{bucket}"] = 1.0 - sum(e for e, _ in parts) / total if total > 0 else math.nan
+    return out
 
 
 def mean_finite(values: list[float]) -> float:

@@ -160,14 +160,19 @@ def clip_and_step(groups: Iterable[tuple[str, torch.optim.Optimizer | None, list
 
 
 def value_diagnostics(values: torch.Tensor, targets: torch.Tensor, names: list[str]) -> dict[str, float]:
-    """Explained variance of the rollout's values, overall, per reward and per third of the chain."""
-    out = {"train/explained_variance": explained_variance(values, targets).item()}
+    """Explained variance of the rollout's values, overall, per reward and per third of the chain, with its two
+    parts overall and per third: ``train/return_var[_<third>]`` = Var(G) and ``train/value_error_var[_<third>]``
+    = Var(G − V) (population variances), which :class:`~lit_diffac.history.RunHistory` pools over iterations."""
     num_steps = values.shape[1]
-    thirds = {"early": slice(0, max(1, num_steps // 3)), "middle": slice(num_steps // 3, 2 * num_steps // 3),
-              "late": slice(2 * num_steps // 3, num_steps)}
+    thirds = {"": slice(0, num_steps), "_early": slice(0, max(1, num_steps // 3)),
+              "_middle": slice(num_steps // 3, 2 * num_steps // 3), "_late": slice(2 * num_steps // 3, num_steps)}
+    out = {}
     for bucket, sl in thirds.items():
         if values[:, sl].numel():
-            out[f"train/explained_variance_{bucket}"] = explained_variance(values[:, sl], targets[:, sl]).item()
+            v, g = values[:, sl].float(), targets[:, sl].float()
+            out[f"train/explained_variance{bucket}"] = explained_variance(v, g).item()
+            out[f"train/return_var{bucket}"] = g.var(unbiased=False).item()
+            out[f"train/value_error_var{bucket}"] = (g - v).var(unbiased=False).item()
     if values.shape[-1] > 1:  # one value output per reward
         for j, name in enumerate(names):
             out[f"train/explained_variance/{name}"] = explained_variance(values[..., j], targets[..., j]).item()

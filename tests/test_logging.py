@@ -285,3 +285,39 @@ def test_summary_averages_each_diagnostic_over_the_iterations_where_it_is_define
     assert summary["final_explained_variance"] == pytest.approx(0.6)
     assert summary["final_train"]["train/value_loss"] == pytest.approx(2.0)
     assert math.isnan(summary["final_train"]["train/x"])
+
+
+def test_summary_pools_explained_variance_over_iterations_by_target_variance():
+    """With its parts logged, the summary's explained variance is 1 − ΣVar(G − V) / ΣVar(G): an iteration whose
+    targets barely vary (EV −9 from a tiny Var(G)) weighs little, where the mean of the ratios would be −2.6."""
+    from lit_diffac.history import RunHistory
+
+    history = RunHistory(window=3)
+    for err, ret in ((0.5, 1.0), (0.1, 0.01), (0.4, 1.0)):
+        history.record_iteration({"train/explained_variance": 1 - err / ret, "train/value_error_var": err,
+                                  "train/return_var": ret, "train/explained_variance_late": 0.9,
+                                  "train/value_error_var_late": err / 2, "train/return_var_late": ret})
+    summary = history.summary("m", iterations=3, seed=0)
+    assert summary["final_explained_variance"] == pytest.approx(1 - 1.0 / 2.01)
+    assert summary["final_train"]["train/explained_variance"] == pytest.approx(1 - 1.0 / 2.01)
+    assert summary["final_train"]["train/explained_variance_late"] == pytest.approx(1 - 0.5 / 2.01)
+    assert summary["final_train"]["train/return_var"] == pytest.approx(2.01 / 3)  # the parts stay plain means
+
+
+def test_value_diagnostics_logs_the_parts_of_each_explained_variance():
+    import torch
+
+    from lit_diffac.losses import explained_variance
+    from lit_diffac.ppo import value_diagnostics
+
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randn(6, 9, 1, generator=gen)
+    values = targets + 0.5 * torch.randn(6, 9, 1, generator=gen)
+    out = value_diagnostics(values, targets, ["r"])
+    for bucket, sl in (("", slice(0, 9)), ("_early", slice(0, 3)), ("_middle", slice(3, 6)), ("_late", slice(6, 9))):
+        g, v = targets[:, sl], values[:, sl]
+        assert out[f"train/return_var{bucket}"] == pytest.approx(g.var(unbiased=False).item(), rel=1e-5)
+        assert out[f"train/value_error_var{bucket}"] == pytest.approx((g - v).var(unbiased=False).item(), rel=1e-5)
+        assert out[f"train/explained_variance{bucket}"] == pytest.approx(
+            1 - out[f"train/value_error_var{bucket}"] / out[f"train/return_var{bucket}"], rel=1e-5)
+        assert out[f"train/explained_variance{bucket}"] == pytest.approx(explained_variance(v, g).item(), rel=1e-5)
