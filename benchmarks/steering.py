@@ -7,7 +7,7 @@
 
 For each ``BACKBONE=RUN_FOLDER`` (a finished run of a toy digit recipe: its ``config.yaml`` and
 ``checkpoints/last.ckpt``; repeat a backbone for several training seeds, ``--run dit=RUN0 dit=RUN1 dit=RUN2``),
-on the held-out prompts × ``--samples-per-prompt`` with the same ``--seed``, every variant is one ``lit-diffac
+on the held-out prompts (``--prompts``, default ``toy:heldout``) × ``--samples-per-prompt`` with the same ``--seed``, every variant is one ``lit-diffac
 sample`` call:
 
 * ``plain``: the policy's own sampler (``--scale 0``);
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command, "machine": machine, "minutes": (time.time() - start) / 60,
               "independent_judge_accuracy_on_real_digits": svm_heldout, **results}
     header = (f"`{command}` — {machine}, {time.strftime('%Y-%m-%d')}, {report['minutes']:.0f} min; "
-              f"held-out prompts × {args.samples_per_prompt}, seed {args.seed}")
+              f"prompts {args.prompts} × {args.samples_per_prompt}, seed {args.seed}")
     return write_report(report, header, results_dir, args.name)
 
 
