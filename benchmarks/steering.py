@@ -7,8 +7,8 @@
 
 For each ``BACKBONE=RUN_FOLDER`` (a finished run of a toy digit recipe: its ``config.yaml`` and
 ``checkpoints/last.ckpt``; repeat a backbone for several training seeds, ``--run dit=RUN0 dit=RUN1 dit=RUN2``),
-on the held-out prompts (``--prompts``, default ``toy:heldout``) × ``--samples-per-prompt`` with the same ``--seed``, every variant is one ``lit-diffac
-sample`` call:
+on the held-out prompts (``--prompts``, default ``toy:heldout``) × ``--samples-per-prompt`` with the same
+``--seed``, every variant is one ``lit-diffac sample`` call:
 
 * ``plain``: the policy's own sampler (``--scale 0``);
 * ``steered``: critic steering at ``--scale`` on every step (``--steps all``); its backbone compute per sample

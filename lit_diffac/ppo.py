@@ -164,10 +164,10 @@ def value_diagnostics(values: torch.Tensor, targets: torch.Tensor, names: list[s
     parts overall and per third: ``train/return_var[_<third>]`` = Var(G) and ``train/value_error_var[_<third>]``
     = Var(G − V) (population variances), which :class:`~lit_diffac.history.RunHistory` pools over iterations."""
     num_steps = values.shape[1]
-    thirds = {"": slice(0, num_steps), "_early": slice(0, max(1, num_steps // 3)),
+    spans = {"": slice(0, num_steps), "_early": slice(0, max(1, num_steps // 3)),
               "_middle": slice(num_steps // 3, 2 * num_steps // 3), "_late": slice(2 * num_steps // 3, num_steps)}
     out = {}
-    for bucket, sl in thirds.items():
+    for bucket, sl in spans.items():  # the whole chain, then each third
         if values[:, sl].numel():
             v, g = values[:, sl].float(), targets[:, sl].float()
             out[f"train/explained_variance{bucket}"] = explained_variance(v, g).item()
