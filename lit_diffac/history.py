@@ -165,21 +165,22 @@ class IterationTimer:
 def pooled_explained_variance(recent: list[Mapping[str, float]]) -> dict[str, float]:
     """Explained variance over several iterations as one ratio: ``1 − Σ_i Var_i(G − V) / Σ_i Var_i(G)``.
 
-    For each ``train/explained_variance[_<third>]`` whose parts ``train/value_error_var[_<third>]`` and
-    ``train/return_var[_<third>]`` were logged (:func:`~lit_diffac.ppo.value_diagnostics`), over the iterations
-    where both are finite.  Unlike the mean of the per-iteration ratios, an iteration whose targets barely vary
-    (a batch that nearly all succeeded: Var(G) ≈ 0.01 of the usual) weighs by its target variance, so it cannot
-    drag the summary to −30 while the critic's error is as small as in any other iteration.  Keys without the
-    parts (runs of older versions, per-reward variances) are left out of the result.
+    For every ``train/explained_variance<span>`` whose parts ``train/value_error_var<span>`` and
+    ``train/return_var<span>`` were logged (:func:`~lit_diffac.ppo.value_diagnostics`: the whole chain and each
+    third), over the iterations where both are finite.  Unlike the mean of the per-iteration ratios, an iteration
+    whose targets barely vary (a batch that nearly all succeeded: Var(G) ≈ 0.01 of the usual) weighs by its target
+    variance, so it cannot drag the summary to −30 while the critic's error is as small as in any other iteration.
+    Explained variances without logged parts (runs of older versions, per-reward ones) are left out of the result.
     """
+    spans = {k.removeprefix("train/return_var") for m in recent for k in m if k.startswith("train/return_var")}
     out = {}
-    for bucket in ("", "_early", "_middle", "_late"):
-        parts = [(m[f"train/value_error_var{bucket}"], m[f"train/return_var{bucket}"]) for m in recent
-                 if f"train/return_var{bucket}" in m and f"train/value_error_var{bucket}" in m]
+    for span in spans:
+        parts = [(m[f"train/value_error_var{span}"], m[f"train/return_var{span}"]) for m in recent
+                 if f"train/return_var{span}" in m and f"train/value_error_var{span}" in m]
         parts = [(e, r) for e, r in parts if math.isfinite(e) and math.isfinite(r)]
         if parts:
             total = sum(r for _, r in parts)
-            out[f"train/explained_variance{bucket}"] = 1.0 - sum(e for e, _ in parts) / total if total > 0 else math.nan
+            out[f"train/explained_variance{span}"] = 1.0 - sum(e for e, _ in parts) / total if total > 0 else math.nan
     return out
 
 

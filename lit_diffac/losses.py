@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["PolicyLossOutput", "ppo_policy_loss", "ValueLossOutput", "value_loss", "gaussian_kl", "flow_grpo_kl",
-           "reference_kl", "KL_FORMS", "explained_variance"]
+           "reference_kl", "KL_FORMS", "explained_variance",
+           "explained_variance_parts"]
 
 #: The forms of the KL to the reference policy that :func:`reference_kl` computes.
 KL_FORMS = ("exact", "flow_grpo")
@@ -248,10 +249,26 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         1e-6 · max |G|``; e.g. a batch whose binary rewards are all 0, where rounding alone would otherwise
         give values like −1e13).
     """
+    return explained_variance_parts(pred, target)[0]
+
+
+@torch.no_grad()
+def explained_variance_parts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r""":func:`explained_variance` with its two parts: ``[EV, Var(G), Var(G − V)]`` (population variances).
+
+    Args:
+        pred: predictions ``V`` (any shape).
+        target: targets ``G`` (same shape).
+
+    Returns:
+        float32 tensor ``[3]`` (one host sync reads all three); EV is NaN where :func:`explained_variance` says.
+    """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have equal shapes")
     pred, target = pred.float().flatten(), target.float().flatten()
     var_target = target.var(unbiased=False)
-    ev = 1.0 - (target - pred).var(unbiased=False) / var_target
+    var_error = (target - pred).var(unbiased=False)
+    ev = 1.0 - var_error / var_target
     constant = var_target <= (1e-6 * target.abs().max()) ** 2
-    return torch.where(constant, torch.full_like(ev, float("nan")), ev)  # no host sync
+    ev = torch.where(constant, torch.full_like(ev, float("nan")), ev)  # no host sync
+    return torch.stack([ev, var_target, var_error])

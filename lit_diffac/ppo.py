@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from lit_diffac.distributed import clip_grad_norm
-from lit_diffac.losses import PolicyLossOutput, ValueLossOutput, explained_variance, ppo_policy_loss, value_loss
+from lit_diffac.losses import (PolicyLossOutput, ValueLossOutput, explained_variance, explained_variance_parts,
+                               ppo_policy_loss, value_loss)
 
 
 def _window(num_steps: int, steps: Sequence[int] | None, device: torch.device | str | None) -> torch.Tensor:
@@ -169,10 +170,9 @@ def value_diagnostics(values: torch.Tensor, targets: torch.Tensor, names: list[s
     out = {}
     for bucket, sl in spans.items():  # the whole chain, then each third
         if values[:, sl].numel():
-            v, g = values[:, sl].float(), targets[:, sl].float()
-            out[f"train/explained_variance{bucket}"] = explained_variance(v, g).item()
-            out[f"train/return_var{bucket}"] = g.var(unbiased=False).item()
-            out[f"train/value_error_var{bucket}"] = (g - v).var(unbiased=False).item()
+            ev, var_target, var_error = explained_variance_parts(values[:, sl], targets[:, sl]).tolist()
+            out.update({f"train/explained_variance{bucket}": ev, f"train/return_var{bucket}": var_target,
+                        f"train/value_error_var{bucket}": var_error})
     if values.shape[-1] > 1:  # one value output per reward
         for j, name in enumerate(names):
             out[f"train/explained_variance/{name}"] = explained_variance(values[..., j], targets[..., j]).item()
